@@ -1,0 +1,48 @@
+"""The Python API: one function per command, each taking and writing files as the CLI does."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import AttnprobeError
+from .models import load_checkpoint
+from .select import read_table, score_pool, select_images, write_table
+from .train import distill, evaluate_checkpoint as evaluate, pick_device, train_teacher
+
+__all__ = ["prepare", "train_teacher", "score", "select", "distill", "evaluate"]
+
+
+def prepare(kind: str, src, out, progress: bool = True) -> dict:
+    """Convert an official CIFAR-10/100 or Tiny-ImageNet archive or folder into an ImageFolder tree."""
+    from .prepare import prepare as _prepare
+    return _prepare(kind, src, out, progress=progress)
+
+
+def score(teacher, wild, out, blocks=None, heads: str = "first", batch_size: int = 256, workers: int = 2,
+          device=None, amp: bool = False, progress: bool = True) -> dict:
+    """Score every image under `wild` with the teacher; write the table to `out` (parquet)."""
+    device = pick_device(device)
+    model, info = load_checkpoint(teacher, device)
+    df, meta = score_pool(model, info, wild, blocks, heads, batch_size, workers, device, amp, progress)
+    meta["teacher"] = os.path.abspath(teacher)
+    write_table(df, out, meta)
+    return {**meta, "rows": len(df)}
+
+
+def select(scores, num_select: int, strategy: str = "attnprobe", w_attn: float = 0.05, w_out: float = 0.9,
+           seed: int = 0, normalize: str = "none", out="selection.parquet") -> dict:
+    """Select the K best rows of a score table; write them and a JSON summary (same stem) beside."""
+    df, meta = read_table(scores)
+    for col in ("path", "pred"):
+        if col not in df.columns:
+            raise AttnprobeError(f"{scores} has no {col!r} column; pass a table written by `attnprobe score`")
+    selected, summary = select_images(df, num_select, strategy, w_attn, w_out, seed, normalize,
+                                      meta.get("num_classes"))
+    summary.update(scores=os.path.abspath(scores), classes=meta.get("classes"))
+    out = Path(out)
+    write_table(selected, out, {**meta, "selection": summary})
+    tmp = out.with_name(f".{out.stem}.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    os.replace(tmp, out.with_suffix(".json"))
+    return summary

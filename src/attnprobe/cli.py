@@ -1,0 +1,159 @@
+"""Command line: argument parsing only; every command calls the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import AttnprobeError
+
+D = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _common(p, batch_size):
+    p.add_argument("--batch-size", type=int, default=batch_size, help="images per batch (per process)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when there is one)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _train_common(p, lr, wd):
+    p.add_argument("--model-kwargs", nargs="*", default=None, metavar="K=V",
+                   help="constructor overrides, values as Python literals, e.g. embed_dim=128 depth=6")
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.jsonl")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--weight-decay", type=float, default=wd)
+    p.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
+                   help="cosine to zero, or x0.1 at epochs 200 and 300 (the reference)")
+    p.add_argument("--warmup-epochs", type=int, default=0)
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (digits, text)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default=None, metavar="RUN/last.pt", help="continue a stopped run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnprobe", description="Distill a ViT in the wild with the attention probe.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", formatter_class=D, help="official CIFAR/Tiny-ImageNet layout -> ImageFolder tree")
+    p.add_argument("kind", choices=("cifar10", "cifar100", "tinyimagenet"))
+    p.add_argument("src", help="the official archive or its extracted folder")
+    p.add_argument("out", help="new folder for train/<class>/ and val/<class>/")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    p = sub.add_parser("train-teacher", formatter_class=D, help="train a ViT teacher on an ImageFolder root")
+    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
+    p.add_argument("--model", default="ap_digits_teacher", help="preset or timm ViT name")
+    _train_common(p, lr=1e-3, wd=0.05)
+    p.add_argument("--affine", action="store_true", help="small random affine jitter (rotation, shift, scale)")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean (default: timm's for the arch)")
+    p.add_argument("--std", type=float, nargs="+", default=None)
+    _common(p, 128)
+
+    p = sub.add_parser("score", formatter_class=D, help="score every wild image with one teacher pass")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint")
+    p.add_argument("--wild", required=True, help="folder of unlabeled images (recursive)")
+    p.add_argument("--out", required=True, help="score table (.parquet)")
+    p.add_argument("--blocks", type=int, nargs="+", default=None, help="0-based blocks to probe (default: 1/3, 2/3 depth)")
+    p.add_argument("--heads", choices=("first", "mean"), default="first", help="head reduction of the probe")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    _common(p, 256)
+
+    p = sub.add_parser("select", formatter_class=D, help="pick the K best-scoring wild images")
+    p.add_argument("--scores", required=True)
+    p.add_argument("--num-select", type=int, required=True, metavar="K")
+    p.add_argument("--strategy", choices=("attnprobe", "dfnd", "probe", "random"), default="attnprobe")
+    p.add_argument("--w-attn", type=float, default=0.05, help="weight of the summed probe terms")
+    p.add_argument("--w-out", type=float, default=0.9, help="weight of the outlier term")
+    p.add_argument("--normalize", choices=("none", "rank", "zscore"), default="none",
+                   help="put the terms on one scale before weighting (none = the paper)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="selection table (.parquet); summary written beside as .json")
+
+    p = sub.add_parser("distill", formatter_class=D, help="distill a student on the selected wild images")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--wild", required=True)
+    p.add_argument("--selection", required=True)
+    p.add_argument("--student", default="ap_digits_student", help="preset or timm ViT name")
+    p.add_argument("--test", required=True, help="labeled folder of the teacher's classes (e.g. ROOT/val)")
+    _train_common(p, lr=7.5e-4, wd=0.025)
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--probe-weight", type=float, default=0.8, help="weight of the probe-distillation loss (0: off)")
+    p.add_argument("--probe-blocks", type=int, nargs="+", default=None,
+                   help="teacher blocks (0-based) whose outputs are matched; student blocks mapped proportionally")
+    p.add_argument("--probe-variant", choices=("cosine", "reference"), default="cosine")
+    p.add_argument("--no-noise-adaptation", dest="noise_adaptation", action="store_false")
+    p.add_argument("--noise-weight", type=float, default=1.0)
+    p.add_argument("--robust", action="store_true", help="weight KD by DFND's class weights")
+    p.add_argument("--teacher-acc", type=float, default=None, help="alpha of noise adaptation (default: measured)")
+    p.add_argument("--labeled", default=None, help="original training set to mix in (folder of class folders)")
+    p.add_argument("--per-class", type=int, default=0, help="labeled images per class to mix in")
+    _common(p, 256)
+
+    p = sub.add_parser("evaluate", formatter_class=D, help="top-1/top-5 of a checkpoint on a labeled folder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="folder of class folders, or an ImageFolder root (uses val/)")
+    p.add_argument("--json", default=None, help="write {top1, top5, n} here")
+    _common(p, 256)
+    return parser
+
+
+def run(args) -> None:
+    from . import api  # heavy imports only once the arguments are known to parse
+
+    cmd = args.command
+    if cmd == "prepare":
+        print(json.dumps(api.prepare(args.kind, args.src, args.out, progress=args.progress)))
+    elif cmd == "train-teacher":
+        info = api.train_teacher(args.data, args.model, _kwargs(args), args.epochs, args.out, args.batch_size, args.lr,
+                                 args.weight_decay, args.schedule, args.warmup_epochs, args.label_smoothing, args.flip,
+                                 args.affine, args.mean, args.std, args.workers, args.device, args.seed, args.resume,
+                                 args.progress)
+        print(f"teacher: best val top-1 {info['accuracy']:.4f}, {info['params']:,} parameters -> {args.out}/best.pt")
+    elif cmd == "score":
+        summary = api.score(args.teacher, args.wild, args.out, args.blocks, args.heads, args.batch_size, args.workers,
+                            args.device, args.amp, args.progress)
+        print(f"scored {summary['rows']} images -> {args.out}")
+    elif cmd == "select":
+        summary = api.select(args.scores, args.num_select, args.strategy, args.w_attn, args.w_out, args.seed,
+                             args.normalize, args.out)
+        print(f"selected {summary['num_select']} of {summary['pool_size']} ({args.strategy}) -> {args.out}")
+    elif cmd == "distill":
+        info = api.distill(args.teacher, args.wild, args.selection, args.test, args.student, _kwargs(args),
+                           args.epochs, args.out, args.batch_size, args.lr, args.weight_decay, args.schedule,
+                           args.warmup_epochs, args.temperature, args.probe_weight, args.probe_blocks,
+                           args.probe_variant, args.noise_adaptation, args.noise_weight, robust=args.robust,
+                           teacher_acc=args.teacher_acc, labeled=args.labeled, per_class=args.per_class,
+                           flip=args.flip, workers=args.workers, device=args.device, seed=args.seed,
+                           resume=args.resume, progress=args.progress)
+        print(f"student: best test top-1 {info['accuracy']:.4f}, {info['params']:,} parameters -> {args.out}/best.pt")
+    elif cmd == "evaluate":
+        result = api.evaluate(args.model, args.data, args.batch_size, args.workers, args.device, args.progress)
+        print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  (n={result['n']})")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result) + "\n")
+
+
+def _kwargs(args):
+    from .models import parse_model_kwargs
+    return parse_model_kwargs(args.model_kwargs)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except AttnprobeError as e:
+        print(f"attnprobe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"attnprobe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

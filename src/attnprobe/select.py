@@ -1,0 +1,163 @@
+"""Step 1 of the method: score every wild image in one teacher pass, then select the K most useful.
+
+Score table columns: path (relative to the wild root), pred, outlier (= -log max softmax, DFND),
+probe_<b> (cosine of block b's CLS attention over patches with uniform), and `probs` (the softmax,
+kept when the class count is small enough for the table to stay compact; DFND's class weights use it).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from .data import ImageList, eval_transform, list_images, make_loader
+from .errors import AttnprobeError
+from .losses import class_weights
+from .models import geometry
+from .probe import HEAD_REDUCTIONS, check_blocks, default_probe_blocks, probe_scores
+
+STRATEGIES = ("attnprobe", "dfnd", "probe", "random")
+NORMALIZATIONS = ("none", "rank", "zscore")
+MAX_STORED_CLASSES = 256  # keep per-image softmax up to this many classes (1.28M x 256 float32 ~ 1.3 GB)
+META_KEY = b"attnprobe"
+
+
+def probe_columns(df: pd.DataFrame) -> list[str]:
+    return sorted((c for c in df.columns if c.startswith("probe_")), key=lambda c: int(c.split("_")[1]))
+
+
+@torch.no_grad()
+def score_pool(teacher, info: dict, wild_dir, blocks: list[int] | None = None, heads: str = "first",
+               batch_size: int = 256, workers: int = 4, device="cpu", amp: bool = False,
+               progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """One teacher forward per wild image -> (score table, metadata)."""
+    depth = geometry(teacher)["depth"]
+    blocks = check_blocks(blocks if blocks else default_probe_blocks(depth), depth)
+    if heads not in HEAD_REDUCTIONS:
+        raise AttnprobeError(f"--heads {heads!r} is not one of {HEAD_REDUCTIONS}")
+    paths = list_images(wild_dir)
+    size = info["img_size"] if isinstance(info["img_size"], int) else max(info["img_size"])
+    ds = ImageList(paths, root=os.fspath(wild_dir), transform=eval_transform(info),
+                   in_chans=info["in_chans"], size_hint=size)
+    loader = make_loader(ds, batch_size, shuffle=False, workers=workers)
+    device = torch.device(device)
+    teacher = teacher.to(device).eval()
+    keep_probs = info["num_classes"] <= MAX_STORED_CLASSES
+    preds, outliers, probes, probs = [], [], [], []
+    for images, _ in tqdm(loader, desc="score", unit="batch", disable=not progress or None):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits, probe = probe_scores(teacher, images.to(device, non_blocking=True), blocks, heads)
+        log_p = logits.float().log_softmax(dim=1)
+        top = log_p.max(dim=1)
+        preds.append(top.indices.cpu())
+        outliers.append((-top.values).cpu())
+        probes.append(probe.float().cpu())
+        if keep_probs:
+            probs.append(log_p.exp().cpu())
+    df = pd.DataFrame({"path": paths, "pred": torch.cat(preds).numpy().astype(np.int32),
+                       "outlier": torch.cat(outliers).numpy().astype(np.float32)})
+    probe = torch.cat(probes).numpy().astype(np.float32)
+    for j, b in enumerate(blocks):
+        df[f"probe_{b}"] = probe[:, j]
+    if keep_probs:
+        df["probs"] = list(torch.cat(probs).numpy().astype(np.float32))
+    meta = {"num_classes": info["num_classes"], "classes": info["classes"], "blocks": blocks, "heads": heads,
+            "wild": os.path.abspath(wild_dir)}
+    return df, meta
+
+
+def write_table(df: pd.DataFrame, path, meta: dict) -> None:
+    """Parquet with our metadata in the schema; written to a temporary file, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_table(path) -> tuple[pd.DataFrame, dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise AttnprobeError(f"table {path} does not exist; run `attnprobe score` (or select) first")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:
+        raise AttnprobeError(f"{path} is not a readable parquet table ({type(e).__name__}); rerun the step that "
+                             "wrote it") from None
+    meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+    return table.to_pandas(), meta
+
+
+def _normalized(values: np.ndarray, how: str) -> np.ndarray:
+    if how == "rank":  # fraction of the pool scoring lower: scale-free, robust to outliers
+        return pd.Series(values).rank(method="average", pct=True).to_numpy()
+    if how == "zscore":
+        return (values - values.mean()) / (values.std() + 1e-12)
+    return values
+
+
+def strategy_scores(df: pd.DataFrame, strategy: str, w_attn: float = 0.05, w_out: float = 0.9,
+                    seed: int = 0, normalize: str = "none") -> np.ndarray:
+    """Per-image score, lower is better. `normalize` (rank or zscore) puts the terms on one scale
+    before weighting; `none` is the paper's combination."""
+    if strategy not in STRATEGIES:
+        raise AttnprobeError(f"--strategy {strategy!r} is not one of {STRATEGIES}")
+    if normalize not in NORMALIZATIONS:
+        raise AttnprobeError(f"--normalize {normalize!r} is not one of {NORMALIZATIONS}")
+    if strategy == "random":
+        return np.random.default_rng(seed).random(len(df))
+    probes = probe_columns(df)
+    needed = (["outlier"] if strategy in ("attnprobe", "dfnd") else []) + \
+             (probes if strategy != "dfnd" else [])
+    if strategy != "dfnd" and not probes:
+        raise AttnprobeError(f"strategy {strategy} needs probe_<b> columns, and the table has none; rescore the pool")
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise AttnprobeError(f"score table lacks {missing} needed by strategy {strategy}; rescore the pool")
+    if df[needed].isna().any().any():
+        raise AttnprobeError(f"score table has NaN in {needed}; rescore the pool")
+    probe_sum = sum(_normalized(df[c].to_numpy(np.float64), normalize) for c in probes) if probes else 0.0
+    outlier = _normalized(df["outlier"].to_numpy(np.float64), normalize) if "outlier" in needed else 0.0
+    if strategy == "dfnd":
+        return outlier
+    if strategy == "probe":
+        return probe_sum
+    if w_attn < 0 or w_out < 0 or w_attn + w_out == 0:
+        raise AttnprobeError(f"weights --w-attn {w_attn} --w-out {w_out} must be non-negative and not both zero")
+    return w_attn * probe_sum + w_out * outlier
+
+
+def select_images(df: pd.DataFrame, num_select: int, strategy: str = "attnprobe", w_attn: float = 0.05,
+                  w_out: float = 0.9, seed: int = 0, normalize: str = "none",
+                  num_classes: int | None = None) -> tuple[pd.DataFrame, dict]:
+    """The `num_select` lowest-scoring rows (ascending `score`) and a summary with DFND's class weights."""
+    if not 0 < num_select <= len(df):
+        raise AttnprobeError(f"--num-select {num_select} must be between 1 and the pool size {len(df)}")
+    score = strategy_scores(df, strategy, w_attn, w_out, seed, normalize)
+    order = np.lexsort((np.arange(len(df)), score))[:num_select]  # stable: ties keep pool order
+    selected = df.iloc[order].copy()
+    selected["score"] = score[order]
+    selected = selected.reset_index(drop=True)
+    C = num_classes or int(df["pred"].max()) + 1
+    if "probs" in selected.columns:
+        sums, source = np.stack(selected["probs"].to_numpy()).sum(axis=0), "softmax"
+    else:  # no softmax stored (many classes): count predictions instead, unseen classes counted once
+        sums, source = np.maximum(np.bincount(selected["pred"], minlength=C), 1), "pred"
+    summary = {
+        "strategy": strategy, "num_select": int(num_select), "pool_size": int(len(df)),
+        "w_attn": w_attn, "w_out": w_out, "normalize": normalize, "seed": seed,
+        "probe_columns": probe_columns(df),
+        "pred_histogram": np.bincount(selected["pred"], minlength=C).tolist(),
+        "class_weights": class_weights(sums, C), "class_weights_from": source,
+        "score_min": float(selected["score"].min()), "score_max": float(selected["score"].max()),
+    }
+    return selected, summary
