@@ -20,14 +20,17 @@ def prepare(kind: str, src, out, progress: bool = True) -> dict:
 
 
 def score(teacher, wild, out, blocks=None, heads: str = "first", batch_size: int = 256, workers: int = 2,
-          device=None, amp: bool = False, progress: bool = True) -> dict:
-    """Score every image under `wild` with the teacher; write the table to `out` (parquet)."""
-    device = pick_device(device)
-    model, info = load_checkpoint(teacher, device)
-    df, meta = score_pool(model, info, wild, blocks, heads, batch_size, workers, device, amp, progress)
-    meta["teacher"] = os.path.abspath(teacher)
-    write_table(df, out, meta)
-    return {**meta, "rows": len(df)}
+          device=None, amp: bool = False, progress: bool = True, chunk_size: int = 2048,
+          channels_last: bool = False, compile: bool = False) -> dict:
+    """Score every image under `wild` with the teacher; write the table to `out` (parquet) and the files
+    that could not be read to `<out stem>.skipped.csv` (path, reason).
+
+    Resumable: a stopped run leaves finished chunks of `chunk_size` images in `<out>.parts/`, and the
+    same call continues from them. Under torchrun the chunks are shared among the processes. Returns
+    the table's metadata plus `scored`, `skipped`, `rows` (= scored) and `skipped_csv`."""
+    from .score import score as _score
+    return _score(teacher, wild, out, blocks, heads, batch_size, workers, device, amp, progress, chunk_size,
+                  channels_last, compile)
 
 
 def select(scores, num_select: int, strategy: str = "attnprobe", w_attn: float = 0.05, w_out: float = 0.9,

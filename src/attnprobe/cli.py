@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,8 +13,8 @@ from .errors import AttnprobeError
 D = argparse.ArgumentDefaultsHelpFormatter
 
 
-def _common(p, batch_size):
-    p.add_argument("--batch-size", type=int, default=batch_size, help="images per batch (per process)")
+def _common(p, batch_size, batch_help="images per batch (per process)"):
+    p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when there is one)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -30,7 +32,14 @@ def _train_common(p, lr, wd):
     p.add_argument("--warmup-epochs", type=int, default=0)
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (digits, text)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", default=None, metavar="RUN/last.pt", help="continue a stopped run")
+    p.add_argument("--resume", default=None, metavar="RUN/last.pt",
+                   help="continue a stopped run where it stopped: weights, optimizer, LR schedule, noise adaptation, "
+                        "best score, random state; with the same seed the result equals an uninterrupted run")
+
+
+# Under torchrun (python -m torch.distributed.run --nproc_per_node N -m attnprobe.cli ...) the same flags hold.
+_TRAIN_BATCH_HELP = ("images per step on each process: under torchrun the global batch is this times the number "
+                     "of processes (the learning rate is not rescaled)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean (default: timm's for the arch)")
     p.add_argument("--std", type=float, nargs="+", default=None)
-    _common(p, 128)
+    _common(p, 128, _TRAIN_BATCH_HELP)
 
     p = sub.add_parser("score", formatter_class=D, help="score every wild image with one teacher pass")
     p.add_argument("--teacher", required=True, help="teacher checkpoint")
@@ -60,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=int, nargs="+", default=None, help="0-based blocks to probe (default: 1/3, 2/3 depth)")
     p.add_argument("--heads", choices=("first", "mean"), default="first", help="head reduction of the probe")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the teacher forward (GPU)")
+    p.add_argument("--chunk-size", type=int, default=2048,
+                   help="images per resumable part (<out>.parts/); a rerun continues from finished parts")
     _common(p, 256)
 
     p = sub.add_parser("select", formatter_class=D, help="pick the K best-scoring wild images")
@@ -91,13 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-acc", type=float, default=None, help="alpha of noise adaptation (default: measured)")
     p.add_argument("--labeled", default=None, help="original training set to mix in (folder of class folders)")
     p.add_argument("--per-class", type=int, default=0, help="labeled images per class to mix in")
-    _common(p, 256)
+    _common(p, 256, _TRAIN_BATCH_HELP)
 
     p = sub.add_parser("evaluate", formatter_class=D, help="top-1/top-5 of a checkpoint on a labeled folder")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="folder of class folders, or an ImageFolder root (uses val/)")
     p.add_argument("--json", default=None, help="write {top1, top5, n} here")
     _common(p, 256)
+
+    p = sub.add_parser("demo", formatter_class=D, help="the whole method on bundled digits in the wild, with a report")
+    p.add_argument("--out", default="demo-out", help="run folder: results.json, report.html, figures/, runs")
+    p.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes on 2 CPU cores)")
+    p.add_argument("--cache", default=None, help="where the benchmark images are built and reused "
+                   "(default: $XDG_CACHE_HOME/attnprobe)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: the 28x28 images decode "
+                   "faster in the training process than in workers on a small CPU)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("report", formatter_class=D, help="rebuild report.html of a finished demo run")
+    p.add_argument("run_dir")
     return parser
 
 
@@ -108,33 +133,62 @@ def run(args) -> None:
     if cmd == "prepare":
         print(json.dumps(api.prepare(args.kind, args.src, args.out, progress=args.progress)))
     elif cmd == "train-teacher":
-        info = api.train_teacher(args.data, args.model, _kwargs(args), args.epochs, args.out, args.batch_size, args.lr,
-                                 args.weight_decay, args.schedule, args.warmup_epochs, args.label_smoothing, args.flip,
-                                 args.affine, args.mean, args.std, args.workers, args.device, args.seed, args.resume,
-                                 args.progress)
-        print(f"teacher: best val top-1 {info['accuracy']:.4f}, {info['params']:,} parameters -> {args.out}/best.pt")
+        with _distributed():
+            info = api.train_teacher(args.data, args.model, _kwargs(args), args.epochs, args.out, args.batch_size,
+                                     args.lr, args.weight_decay, args.schedule, args.warmup_epochs,
+                                     args.label_smoothing, args.flip, args.affine, args.mean, args.std, args.workers,
+                                     args.device, args.seed, args.resume, args.progress)
+        if _rank0():
+            print(f"teacher: best val top-1 {info['accuracy']:.4f}, {info['params']:,} parameters -> {args.out}/best.pt")
     elif cmd == "score":
         summary = api.score(args.teacher, args.wild, args.out, args.blocks, args.heads, args.batch_size, args.workers,
-                            args.device, args.amp, args.progress)
-        print(f"scored {summary['rows']} images -> {args.out}")
+                            args.device, args.amp, args.progress, args.chunk_size, args.channels_last, args.compile)
+        if summary["rank"] == 0:
+            print(f"scored {summary['scored']} images, skipped {summary['skipped']} unreadable "
+                  f"(listed in {summary['skipped_csv']}) -> {args.out}")
     elif cmd == "select":
         summary = api.select(args.scores, args.num_select, args.strategy, args.w_attn, args.w_out, args.seed,
                              args.normalize, args.out)
         print(f"selected {summary['num_select']} of {summary['pool_size']} ({args.strategy}) -> {args.out}")
     elif cmd == "distill":
-        info = api.distill(args.teacher, args.wild, args.selection, args.test, args.student, _kwargs(args),
-                           args.epochs, args.out, args.batch_size, args.lr, args.weight_decay, args.schedule,
-                           args.warmup_epochs, args.temperature, args.probe_weight, args.probe_blocks,
-                           args.probe_variant, args.noise_adaptation, args.noise_weight, robust=args.robust,
-                           teacher_acc=args.teacher_acc, labeled=args.labeled, per_class=args.per_class,
-                           flip=args.flip, workers=args.workers, device=args.device, seed=args.seed,
-                           resume=args.resume, progress=args.progress)
-        print(f"student: best test top-1 {info['accuracy']:.4f}, {info['params']:,} parameters -> {args.out}/best.pt")
+        with _distributed():
+            info = api.distill(args.teacher, args.wild, args.selection, args.test, args.student, _kwargs(args),
+                               args.epochs, args.out, args.batch_size, args.lr, args.weight_decay, args.schedule,
+                               args.warmup_epochs, args.temperature, args.probe_weight, args.probe_blocks,
+                               args.probe_variant, args.noise_adaptation, args.noise_weight, robust=args.robust,
+                               teacher_acc=args.teacher_acc, labeled=args.labeled, per_class=args.per_class,
+                               flip=args.flip, workers=args.workers, device=args.device, seed=args.seed,
+                               resume=args.resume, progress=args.progress)
+        if _rank0():
+            print(f"student: best test top-1 {info['accuracy']:.4f}, {info['params']:,} parameters -> {args.out}/best.pt")
+    elif cmd == "demo":
+        from .demo import run_demo
+        run_demo(args.out, args.quick, args.cache, args.workers, args.seed)
+    elif cmd == "report":
+        from .report import write_report
+        print(f"report -> {write_report(args.run_dir)}")
     elif cmd == "evaluate":
-        result = api.evaluate(args.model, args.data, args.batch_size, args.workers, args.device, args.progress)
-        print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  (n={result['n']})")
-        if args.json:
-            Path(args.json).write_text(json.dumps(result) + "\n")
+        with _distributed():
+            result = api.evaluate(args.model, args.data, args.batch_size, args.workers, args.device, args.progress)
+        if _rank0():
+            print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  (n={result['n']})")
+            if args.json:
+                Path(args.json).write_text(json.dumps(result) + "\n")
+
+
+@contextlib.contextmanager
+def _distributed():
+    """Around a command that may run under torchrun: leave the process group (if it joined one) on exit."""
+    try:
+        yield
+    finally:
+        from .distributed import cleanup
+        cleanup()
+
+
+def _rank0() -> bool:
+    """False in the other processes of a torchrun launch: only rank 0 prints results and writes files."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def _kwargs(args):

@@ -3,9 +3,12 @@ teacher's classes, and the teacher-normalised transforms every image goes throug
 from __future__ import annotations
 
 import os
+import warnings
+from array import array
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -38,25 +41,111 @@ def iter_images(root) -> "iterator[str]":
     yield from walk("")
 
 
-def list_images(root) -> list[str]:
+def _check_root(root) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise AttnprobeError(f"image folder {root} does not exist; pass a directory of images")
+    return root
+
+
+def _no_images(root):
+    return AttnprobeError(f"image folder {root} holds no images ({', '.join(IMG_EXTENSIONS)}); "
+                          "point to the folder that contains them")
+
+
+def list_images(root) -> list[str]:
+    root = _check_root(root)
     paths = list(iter_images(root))
     if not paths:
-        raise AttnprobeError(f"image folder {root} holds no images ({', '.join(IMG_EXTENSIONS)}); "
-                             "point to the folder that contains them")
+        raise _no_images(root)
     return paths
 
 
+class PathList:
+    """A compact, read-only sequence of relative paths: one UTF-8 byte buffer plus offsets (numpy).
+
+    A million-file pool costs a few tens of MB and no per-path Python objects, so DataLoader workers
+    (forked) do not copy it page by page as they touch reference counts."""
+
+    def __init__(self, paths=()):
+        buf, offsets = bytearray(), array("q", [0])
+        for p in paths:
+            buf += p.encode("utf-8", "surrogateescape")  # names that are not UTF-8 survive the round trip
+            offsets.append(len(buf))
+        self._buf = np.frombuffer(bytes(buf), dtype=np.uint8)
+        self._offsets = np.frombuffer(offsets, dtype=np.int64).copy()
+
+    @classmethod
+    def from_dir(cls, root) -> "PathList":
+        """The images under root in `iter_images` order, or the same errors as `list_images`."""
+        root = _check_root(root)
+        paths = cls(iter_images(root))
+        if not len(paths):
+            raise _no_images(root)
+        return paths
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._buf[self._offsets[i]:self._offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def digest(self) -> str:
+        """sha256 of the list (order included): identifies a pool listing."""
+        import hashlib
+        h = hashlib.sha256(self._offsets.tobytes())
+        h.update(self._buf.tobytes())
+        return h.hexdigest()
+
+
+# Modes holding more than 8 bits per sample, and the value that maps to white in each.
+_WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": None}
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit (I;16*), 32-bit integer (I, as Pillow opens some 16-bit files) and float (F) images to L,
+    scaled so that the format's full range maps to 0..255 (Pillow's own convert clips instead)."""
+    a = np.asarray(img)
+    if img.mode == "F":
+        a = a.astype(np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        top = 1.0 if a.size and a.max() <= 1.0 else 255.0  # floats in 0..1, else already in 0..255
+        out = np.rint(np.clip(a, 0, top) * (255.0 / top))
+    else:
+        a = np.clip(a.astype(np.int64), 0, 65535)
+        out = (a * 255 + 32767) // 65535  # round(a * 255 / 65535): 0 -> 0, 65535 -> 255, 257 k -> k
+    return Image.fromarray(out.astype(np.uint8), mode="L")
+
+
 def load_image(path, in_chans: int, size_hint: int | None = None) -> Image.Image:
-    """Open an image as RGB (3 channels) or L (1 channel). JPEGs are decoded at reduced scale
-    (draft mode) when they are much larger than needed: the exact resize follows anyway."""
+    """Open an image as RGB (3 channels) or L (1 channel), whatever its mode.
+
+    Palettes, alpha (composited on black), CMYK, 16-bit and float images are converted properly; a
+    decompression-bomb-sized image raises PIL's DecompressionBombError before anything is decoded,
+    and truncated or corrupt files raise as PIL does. JPEGs much larger than needed are decoded at
+    reduced scale (draft mode: the result keeps both sides >= size_hint), the exact resize follows."""
     mode = "L" if in_chans == 1 else "RGB"
-    with Image.open(path) as img:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img_file = Image.open(path)
+        except Image.DecompressionBombWarning as e:
+            raise Image.DecompressionBombError(str(e)) from None
+    with img_file as img:
         if size_hint and img.format == "JPEG":
             img.draft(mode, (size_hint, size_hint))
-        if img.mode in ("P", "LA", "RGBA", "PA"):
+        if img.mode in _WIDE_MODES:
+            img = _to_8bit(img)
+        elif img.mode in ("P", "LA", "RGBA", "PA", "La", "RGBa") or "transparency" in img.info:
             img = img.convert("RGBA")  # resolve palettes and keep alpha for compositing below
             background = Image.new("RGBA", img.size, (0, 0, 0, 255))
             img = Image.alpha_composite(background, img)
@@ -91,19 +180,48 @@ def train_transform(info: dict, flip: bool = True, affine: bool = False):
 
 
 class ImageList(Dataset):
-    """Images given by path (relative to `root` if given); yields (tensor, index). Labels are ignored."""
+    """Images given by path (relative to `root` if given); yields (tensor, index). Labels are ignored.
 
-    def __init__(self, paths: list[str], root=None, transform=None, in_chans: int = 3, size_hint=None):
+    With `skip_bad=True` (the wild pool) it yields (tensor or None, index, reason): an unreadable file
+    gives None and the reason instead of raising; `collate_skipping` drops those from the batch."""
+
+    def __init__(self, paths, root=None, transform=None, in_chans: int = 3, size_hint=None,
+                 skip_bad: bool = False):
         self.paths, self.root, self.transform = paths, root, transform
-        self.in_chans, self.size_hint = in_chans, size_hint
+        self.in_chans, self.size_hint, self.skip_bad = in_chans, size_hint, skip_bad
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, i):
+    def _load(self, i):
         path = os.path.join(self.root, self.paths[i]) if self.root is not None else self.paths[i]
         img = load_image(path, self.in_chans, self.size_hint)
-        return (self.transform(img) if self.transform else img), i
+        return self.transform(img) if self.transform else img
+
+    def __getitem__(self, i):
+        if not self.skip_bad:
+            return self._load(i), i
+        try:
+            self.paths[i].encode("utf-8")  # the score table stores UTF-8: a name that is not is a failure too
+            return self._load(i), i, ""
+        except Exception as e:  # one bad file must not end the run: report it instead
+            return None, i, failure_reason(e)
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line naming why a file could not be used, e.g. 'UnidentifiedImageError: cannot identify ...'."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}"[:300] if text else type(e).__name__
+
+
+def collate_skipping(batch):
+    """Collate (image or None, index, reason) triples -> (images or None, indices, [(index, reason), ...]).
+
+    Failed items are dropped from the batch; `images` is None when every item failed."""
+    good = [(x, i) for x, i, _ in batch if x is not None]
+    failed = [(i, reason) for x, i, reason in batch if x is None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    return images, torch.tensor([i for _, i in good], dtype=torch.long), failed
 
 
 def labeled_folder(root, classes: list[str], transform, in_chans: int) -> datasets.ImageFolder:
@@ -154,7 +272,15 @@ def per_class_subset(ds: datasets.ImageFolder, per_class: int, seed: int) -> lis
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0,
-                drop_last: bool = False, sampler=None) -> DataLoader:
+                drop_last: bool = False, sampler=None, batch_sampler=None, collate_fn=None,
+                pin_memory: bool | None = None) -> DataLoader:
+    """A DataLoader with our defaults: pinned memory when CUDA is there (or as told), persistent
+    workers, a seeded generator. With `batch_sampler`, batch_size/shuffle/drop_last/sampler are unused."""
+    pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
+                          pin_memory=pin, persistent_workers=workers > 0,
+                          generator=torch.Generator().manual_seed(seed))
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                      num_workers=workers, drop_last=drop_last, pin_memory=pin, collate_fn=collate_fn,
                       persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))

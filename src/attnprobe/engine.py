@@ -1,4 +1,8 @@
-"""One epoch of teacher training, one epoch of distillation, and evaluation (as DeiT's engine.py)."""
+"""One epoch of teacher training, one epoch of distillation, and evaluation (as DeiT's engine.py).
+
+The loops are the same for one process and for many (torchrun + DistributedDataParallel): epoch
+statistics and evaluation counts are summed over processes at the end, so every rank returns the
+same numbers. Per-step values stay on the device until the end of the epoch (no sync per step)."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import all_reduce_sum
 from .losses import NoiseAdaptation, kd_loss, probe_distill_loss
 from .probe import BlockTaps
 
@@ -14,87 +19,127 @@ def _bar(loader, desc, progress):
     return tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress or None)
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+
+
 class _Mean:
-    """Running sample-weighted means of named scalars."""
+    """Running sample-weighted means of named scalars, kept on the device and summed over processes."""
 
-    def __init__(self):
-        self.sums, self.n = {}, 0
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
 
-    def add(self, n: int, **values):
+    def add(self, n: int, **values: torch.Tensor):
         self.n += n
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
+            v = v.detach().to(self.dtype) * n
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
 
     def result(self) -> dict:
-        return {k: v / max(self.n, 1) for k, v in self.sums.items()}
+        keys = sorted(self.sums)
+        totals = torch.stack([self.sums[k] for k in keys] + [torch.tensor(float(self.n), dtype=self.dtype,
+                                                                         device=self.device)])
+        totals = all_reduce_sum(totals).tolist()
+        n = max(totals[-1], 1.0)
+        return {k: v / n for k, v in zip(keys, totals[:-1])}
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, device, label_smoothing: float = 0.0,
                     progress: bool = True, desc: str = "train") -> dict:
     """Supervised cross-entropy epoch (the teacher, or the labeled-data reference rows)."""
     model.train()
-    meter = _Mean()
+    meter = _Mean(device)
     for images, targets in _bar(loader, desc, progress):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         loss = F.cross_entropy(model(images), targets, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        meter.add(len(images), train_loss=loss.item())
+        meter.add(len(images), train_loss=loss)
     return meter.result()
 
 
-def distill_one_epoch(student: nn.Module, teacher: nn.Module, loader, optimizers: list, device, *,
-                      temperature: float = 4.0, noise: NoiseAdaptation | None = None, noise_weight: float = 1.0,
+class DistillModel(nn.Module):
+    """What distillation trains: the student and DFND's noise-adaptation matrix Q, as one module, so
+    that DistributedDataParallel averages Q's gradient across processes together with the student's.
+
+    forward(images, teacher_pred) -> (student logits, noise-adaptation NLL or None)."""
+
+    def __init__(self, student: nn.Module, noise: NoiseAdaptation | None = None):
+        super().__init__()
+        self.student, self.noise = student, noise
+
+    def forward(self, images: torch.Tensor, teacher_pred: torch.Tensor):
+        logits = self.student(images)
+        return logits, (self.noise(logits, teacher_pred) if self.noise is not None else None)
+
+
+def distill_one_epoch(model: nn.Module, teacher: nn.Module, loader, optimizers: list, device, *,
+                      temperature: float = 4.0, noise_weight: float = 1.0,
                       class_weights: torch.Tensor | None = None, probe_weight: float = 0.8,
                       teacher_blocks=(), student_blocks=(), probe_variant: str = "cosine",
                       progress: bool = True) -> dict:
     """loss = KD(T) [robust: weighted by the class weight of the teacher's argmax]
             + noise_weight * noise adaptation NLL + probe_weight * probe-distillation MSE.
 
+    `model`: a DistillModel (student + optional noise adaptation), possibly wrapped in
+    DistributedDataParallel. `teacher`: not trained (eval mode, no grad), never wrapped.
     `optimizers`: the student's, and the noise-adaptation matrix's own Adam when it is on."""
-    student.train()
+    model.train()
     teacher.eval()
+    student = _unwrap(model).student
     use_probe = probe_weight > 0 and len(teacher_blocks) > 0
-    meter = _Mean()
-    for batch in _bar(loader, "distill", progress):
-        images = batch[0].to(device, non_blocking=True)
-        with torch.no_grad(), BlockTaps(teacher, output_blocks=teacher_blocks if use_probe else ()) as t_taps:
-            t_logits = teacher(images).float()
-            t_sims = t_taps.similarities(probe_variant) if use_probe else []
-        t_pred = t_logits.argmax(dim=1)
-        with BlockTaps(student, output_blocks=student_blocks if use_probe else ()) as s_taps:
-            s_logits = student(images)
+    meter = _Mean(device)
+    # The hooks are registered once for the epoch; each forward overwrites what they keep.
+    with BlockTaps(teacher, output_blocks=teacher_blocks if use_probe else ()) as t_taps, \
+            BlockTaps(student, output_blocks=student_blocks if use_probe else ()) as s_taps:
+        for batch in _bar(loader, "distill", progress):
+            images = batch[0].to(device, non_blocking=True)
+            with torch.no_grad():
+                t_logits = teacher(images).float()
+                t_sims = t_taps.similarities(probe_variant) if use_probe else []
+                t_pred = t_logits.argmax(dim=1)
+            s_logits, noise_nll = model(images, t_pred)
             s_sims = s_taps.similarities(probe_variant) if use_probe else []
-        weights = class_weights[t_pred] if class_weights is not None else None
-        terms = {"kd": kd_loss(s_logits, t_logits, temperature, weights)}
-        loss = terms["kd"]
-        if noise is not None:
-            terms["noise"] = noise(s_logits, t_pred)
-            loss = loss + noise_weight * terms["noise"]
-        if use_probe:
-            terms["probe"] = probe_distill_loss(t_sims, s_sims)
-            loss = loss + probe_weight * terms["probe"]
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        meter.add(len(images), loss=loss.item(), **{k: v.item() for k, v in terms.items()})
+            t_taps.outputs.clear()
+            s_taps.outputs.clear()
+            weights = class_weights[t_pred] if class_weights is not None else None
+            terms = {"kd": kd_loss(s_logits, t_logits, temperature, weights)}
+            loss = terms["kd"]
+            if noise_nll is not None:
+                terms["noise"] = noise_nll
+                loss = loss + noise_weight * noise_nll
+            if use_probe:
+                terms["probe"] = probe_distill_loss(t_sims, s_sims)
+                loss = loss + probe_weight * terms["probe"]
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            meter.add(len(images), loss=loss, **terms)
     return meter.result()
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device, progress: bool = True) -> dict:
-    """Top-1 and top-5 accuracy (fractions) and the sample count. Top-5 is top-C when C < 5."""
+    """Top-1 and top-5 accuracy (fractions) and the sample count. Top-5 is top-C when C < 5.
+
+    Under torchrun each process passes its own shard of the test set; the counts are summed over
+    processes, so every process returns the result for the whole set."""
+    model = _unwrap(model)
     model.eval()
-    correct1 = correct5 = n = 0
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # top-1 hits, top-5 hits, n
     for images, targets in _bar(loader, "eval", progress):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         logits = model(images)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top == targets[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
-        n += len(targets)
+        counts[0] += hits[:, 0].sum()
+        counts[1] += hits.any(dim=1).sum()
+        counts[2] += len(targets)
+    correct1, correct5, n = all_reduce_sum(counts).tolist()
     return {"top1": correct1 / max(n, 1), "top5": correct5 / max(n, 1), "n": n}

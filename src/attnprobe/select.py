@@ -1,4 +1,7 @@
-"""Step 1 of the method: score every wild image in one teacher pass, then select the K most useful.
+"""Step 1 of the method, second half: the score table's IO, the selection strategies, top-K.
+
+The scoring pass itself (one teacher forward per wild image) is in score.py; `score_pool` is
+re-exported here for older callers.
 
 Score table columns: path (relative to the wild root), pred, outlier (= -log max softmax, DFND),
 probe_<b> (cosine of block b's CLS attention over patches with uniform), and `probs` (the softmax,
@@ -14,63 +17,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from tqdm.auto import tqdm
 
-from .data import ImageList, eval_transform, list_images, make_loader
 from .errors import AttnprobeError
 from .losses import class_weights
-from .models import geometry
-from .probe import HEAD_REDUCTIONS, check_blocks, default_probe_blocks, probe_scores
+from .score import MAX_STORED_CLASSES, META_KEY, score_pool  # noqa: F401  (re-exported)
 
 STRATEGIES = ("attnprobe", "dfnd", "probe", "random")
 NORMALIZATIONS = ("none", "rank", "zscore")
-MAX_STORED_CLASSES = 256  # keep per-image softmax up to this many classes (1.28M x 256 float32 ~ 1.3 GB)
-META_KEY = b"attnprobe"
 
 
 def probe_columns(df: pd.DataFrame) -> list[str]:
     return sorted((c for c in df.columns if c.startswith("probe_")), key=lambda c: int(c.split("_")[1]))
-
-
-@torch.no_grad()
-def score_pool(teacher, info: dict, wild_dir, blocks: list[int] | None = None, heads: str = "first",
-               batch_size: int = 256, workers: int = 4, device="cpu", amp: bool = False,
-               progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    """One teacher forward per wild image -> (score table, metadata)."""
-    depth = geometry(teacher)["depth"]
-    blocks = check_blocks(blocks if blocks else default_probe_blocks(depth), depth)
-    if heads not in HEAD_REDUCTIONS:
-        raise AttnprobeError(f"--heads {heads!r} is not one of {HEAD_REDUCTIONS}")
-    paths = list_images(wild_dir)
-    size = info["img_size"] if isinstance(info["img_size"], int) else max(info["img_size"])
-    ds = ImageList(paths, root=os.fspath(wild_dir), transform=eval_transform(info),
-                   in_chans=info["in_chans"], size_hint=size)
-    loader = make_loader(ds, batch_size, shuffle=False, workers=workers)
-    device = torch.device(device)
-    teacher = teacher.to(device).eval()
-    keep_probs = info["num_classes"] <= MAX_STORED_CLASSES
-    preds, outliers, probes, probs = [], [], [], []
-    for images, _ in tqdm(loader, desc="score", unit="batch", disable=not progress or None):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits, probe = probe_scores(teacher, images.to(device, non_blocking=True), blocks, heads)
-        log_p = logits.float().log_softmax(dim=1)
-        top = log_p.max(dim=1)
-        preds.append(top.indices.cpu())
-        outliers.append((-top.values).cpu())
-        probes.append(probe.float().cpu())
-        if keep_probs:
-            probs.append(log_p.exp().cpu())
-    df = pd.DataFrame({"path": paths, "pred": torch.cat(preds).numpy().astype(np.int32),
-                       "outlier": torch.cat(outliers).numpy().astype(np.float32)})
-    probe = torch.cat(probes).numpy().astype(np.float32)
-    for j, b in enumerate(blocks):
-        df[f"probe_{b}"] = probe[:, j]
-    if keep_probs:
-        df["probs"] = list(torch.cat(probs).numpy().astype(np.float32))
-    meta = {"num_classes": info["num_classes"], "classes": info["classes"], "blocks": blocks, "heads": heads,
-            "wild": os.path.abspath(wild_dir)}
-    return df, meta
 
 
 def write_table(df: pd.DataFrame, path, meta: dict) -> None:

@@ -6,15 +6,20 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .data import (ImageList, eval_transform, labeled_folder, make_loader, per_class_subset, split_dir,
                    train_transform)
-from .engine import distill_one_epoch, evaluate, train_one_epoch
+from .distributed import all_gather_object, barrier, init_distributed, is_main, rank, world_size
+from .engine import DistillModel, distill_one_epoch, evaluate, train_one_epoch
 from .errors import AttnprobeError
 from .losses import NoiseAdaptation
 from .models import (build_model, default_norm, describe, geometry, load_checkpoint, read_checkpoint,
@@ -27,6 +32,22 @@ SCHEDULES = ("cosine", "step")
 
 def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write a text file whole or not at all: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def seed_everything(seed: int) -> None:
@@ -51,36 +72,156 @@ def lr_schedule(optimizer, schedule: str, epochs: int, warmup_epochs: int = 0, m
 
 
 class RunDir:
-    """RUN/: checkpoints and one JSON object per epoch in metrics.jsonl."""
+    """RUN/: checkpoints and one JSON object per epoch in metrics.jsonl. Only the main process (rank 0)
+    writes; on the others every method is a no-op. Checkpoints are written whole or not at all (temp
+    file, fsync, rename) and each metrics row is appended with one write of one whole line."""
 
     def __init__(self, out, resume: bool = False):
         self.path = Path(out)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.main = is_main()
         self.metrics = self.path / "metrics.jsonl"
-        if not resume and self.metrics.exists():
-            self.metrics.unlink()
+        if self.main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not resume and self.metrics.exists():
+                self.metrics.unlink()
+            for stale in self.path.glob(".*.pt.tmp*"):  # left by a run killed while saving a checkpoint
+                stale.unlink(missing_ok=True)
 
     def log(self, row: dict) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if not self.main:
+            return
+        fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(row) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rewrite(self, rows: list[dict]) -> None:
+        """Replace metrics.jsonl with these rows (on resume: the epochs the checkpoint has seen)."""
+        if self.main:
+            atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def save(self, name: str, model, info: dict, **state) -> None:
+        if self.main:
+            save_checkpoint(self.path / name, model, info, **state)
 
 
-def _resume_state(resume, run: RunDir, objects: dict) -> tuple[int, float]:
-    """Restore model/optimizer/scheduler/... state from RUN/last.pt; returns (next epoch, best top-1)."""
+# ---- resumable state: RNG streams and the training objects -------------------------------------
+
+def rng_state(loader_generator: torch.Generator | None = None) -> dict:
+    """This process's random streams: torch (CPU and current GPU), numpy, python, the loader's generator.
+
+    Kept as plain values and tensors so that checkpoints still load with weights_only=True."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if loader_generator is not None:
+        state["loader"] = loader_generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, loader_generator: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if loader_generator is not None and "loader" in state:
+        loader_generator.set_state(state["loader"])
+
+
+def _resume_state(resume, run: RunDir, objects: dict) -> dict:
+    """Restore model/optimizer/scheduler/noise state from RUN/last.pt into `objects` and put back
+    metrics.jsonl as the checkpoint saw it (each finished epoch once).
+
+    Returns {"start": next epoch, "best": best score so far, "history": metrics rows, "rng": per-rank
+    RNG states or None}; a fresh run when `resume` is falsy."""
     if not resume:
-        return 0, -1.0
+        return {"start": 0, "best": -1.0, "history": [], "rng": None}
     ckpt = read_checkpoint(resume)
     for name, obj in objects.items():
-        if name not in ckpt:
-            raise AttnprobeError(f"{resume} has no {name} state to resume from; pass the last.pt of the same kind of run")
-        getattr(obj, "module", obj).load_state_dict(ckpt[name])
-    # Keep only the epochs before the resumed one, so metrics.jsonl has each epoch once.
-    if run.metrics.exists():
-        rows = [r for r in run.metrics.read_text().splitlines() if r and json.loads(r)["epoch"] < ckpt["epoch"] + 1]
-        run.metrics.write_text("".join(r + "\n" for r in rows))
-    return ckpt["epoch"] + 1, ckpt["best_top1"]
+        if name not in ckpt or "epoch" not in ckpt:
+            raise AttnprobeError(f"{resume} has no {name} state to resume from; pass the last.pt of the same kind "
+                                 "of run")
+        try:
+            getattr(obj, "module", obj).load_state_dict(ckpt[name])
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise AttnprobeError(f"{resume}: its {name} state does not fit this run ({first}); resume with the "
+                                 "same model and options as the stopped run") from None
+    done = ckpt["epoch"]
+    if "metrics" in ckpt:
+        history = [dict(r) for r in ckpt["metrics"] if r["epoch"] <= done]
+    else:  # checkpoints from before the history was stored: keep the file's rows up to the checkpoint
+        history = []
+        if run.metrics.exists():
+            for line in run.metrics.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line
+                if row.get("epoch", done + 1) <= done:
+                    history.append(row)
+    run.rewrite(history)
+    return {"start": done + 1, "best": ckpt["best_top1"], "history": history, "rng": ckpt.get("rng")}
+
+
+def _restore_rng(resumed: dict, seed: int, loader_generator: torch.Generator) -> None:
+    """Continue the random streams of the stopped run; if it ran with another number of processes,
+    reseed from (seed, epoch, rank) instead (the data order then differs from an uninterrupted run)."""
+    rngs = resumed["rng"]
+    if rngs is not None and len(rngs) == world_size():
+        set_rng_state(rngs[rank()], loader_generator)
+    elif resumed["start"] > 0:
+        if is_main():
+            warnings.warn("the resumed run used another number of processes (or stored no random state): "
+                          "reseeding, so data order and augmentation differ from an uninterrupted run")
+        s = seed + 1_000_003 * resumed["start"] + rank()
+        seed_everything(s)
+        loader_generator.manual_seed(s)
+
+
+def _checkpoint_state(resumed: dict, epoch: int, best: float, loader_generator, objects: dict) -> dict:
+    """Everything last.pt needs to continue the run: gathers the RNG states of every process."""
+    rngs = all_gather_object(rng_state(loader_generator))
+    return {**{name: getattr(obj, "module", obj).state_dict() for name, obj in objects.items() if name != "model"},
+            "epoch": epoch, "best_top1": best, "metrics": resumed["history"], "rng": rngs}
+
+
+# ---- loaders: one process or a shard per process -----------------------------------------------
+
+def _train_loader(dataset, batch_size: int, workers: int, seed: int):
+    """Shuffled training batches of this process's shard (DistributedSampler with world size 1 in a single
+    process), so the order is a function of (seed, epoch, rank) alone. Workers are not persistent: each
+    epoch draws their seeds from the loader's generator, which a checkpoint saves, so that a resumed run
+    augments exactly as an uninterrupted one."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed)
+    generator = torch.Generator().manual_seed(seed + rank())
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=len(sampler) > batch_size, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=False, generator=generator)
+
+
+def _eval_loader(dataset, batch_size: int, workers: int):
+    """This process's shard of an evaluation set: images rank, rank + world, ... (no padding, so that the
+    counts summed over processes cover each image exactly once)."""
+    if world_size() > 1:
+        dataset = Subset(dataset, range(rank(), len(dataset), world_size()))
+    return make_loader(dataset, batch_size, False, workers)
+
+
+def _ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around `module` under torchrun; the module itself in a single process."""
+    if world_size() == 1:
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def train_teacher(data, model: str = "ap_digits_teacher", model_kwargs: dict | None = None, epochs: int = 10,
@@ -88,9 +229,13 @@ def train_teacher(data, model: str = "ap_digits_teacher", model_kwargs: dict | N
                   schedule: str = "cosine", warmup_epochs: int = 0, label_smoothing: float = 0.0,
                   flip: bool = True, affine: bool = False, mean=None, std=None, workers: int = 2,
                   device: str | None = None, seed: int = 0, resume=None, progress: bool = True) -> dict:
-    """Supervised training on DATA/train, evaluated on DATA/val every epoch. Returns the best info."""
+    """Supervised training on DATA/train, evaluated on DATA/val every epoch. Returns the best info.
+
+    Under torchrun each process trains on its shard of DATA/train with `batch_size` images per step
+    (DistributedDataParallel); rank 0 alone writes RUN/."""
+    device = init_distributed(device)
+    progress = progress and is_main()
     seed_everything(seed)
-    device = pick_device(device)
     train_dir, val_dir = split_dir(data, "train"), split_dir(data, "val")
     classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
     if not classes:
@@ -102,26 +247,34 @@ def train_teacher(data, model: str = "ap_digits_teacher", model_kwargs: dict | N
     info = describe(net, arch, kwargs, classes, mean or d_mean, std or d_std, role="teacher")
     train_ds = labeled_folder(train_dir, classes, train_transform(info, flip, affine), in_chans)
     val_ds = labeled_folder(val_dir, classes, eval_transform(info), in_chans)
-    train_loader = make_loader(train_ds, batch_size, True, workers, seed, drop_last=len(train_ds) > batch_size)
-    val_loader = make_loader(val_ds, batch_size, False, workers)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = lr_schedule(optimizer, schedule, epochs, warmup_epochs)
     run = RunDir(out, resume=bool(resume))
-    start, best = _resume_state(resume, run, {"model": net, "optimizer": optimizer, "scheduler": scheduler})
-    for epoch in range(start, epochs):
+    objects = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
+    resumed = _resume_state(resume, run, objects)
+    seed_everything(seed + rank())  # the data streams: distinct per process, fixed by the seed
+    train_loader = _train_loader(train_ds, batch_size, workers, seed)
+    val_loader = _eval_loader(val_ds, batch_size, workers)
+    _restore_rng(resumed, seed, train_loader.generator)
+    model_ddp = _ddp(net, device)
+    best = resumed["best"]
+    for epoch in range(resumed["start"], epochs):
         t0 = time.time()
         lr_now = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(net, train_loader, optimizer, device, label_smoothing, progress)
+        train_loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model_ddp, train_loader, optimizer, device, label_smoothing, progress)
         scheduler.step()
         acc = evaluate(net, val_loader, device, progress)
         if acc["top1"] > best:
             best = acc["top1"]
-            save_checkpoint(run.path / "best.pt", net, {**info, "accuracy": best, "epoch": epoch})
-        save_checkpoint(run.path / "last.pt", net, {**info, "accuracy": acc["top1"], "epoch": epoch},
-                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
-                        best_top1=best)
-        run.log({"epoch": epoch, **stats, "val_top1": acc["top1"], "val_top5": acc["top5"], "lr": lr_now,
-                 "seconds": round(time.time() - t0, 3)})
+            run.save("best.pt", net, {**info, "accuracy": best, "epoch": epoch})
+        row = {"epoch": epoch, **stats, "val_top1": acc["top1"], "val_top5": acc["top5"], "val_n": acc["n"],
+               "lr": lr_now, "seconds": round(time.time() - t0, 3)}
+        resumed["history"].append(row)
+        run.save("last.pt", net, {**info, "accuracy": acc["top1"], "epoch": epoch},
+                 **_checkpoint_state(resumed, epoch, best, train_loader.generator, objects))
+        run.log(row)
+    barrier()
     return {**info, "accuracy": best}
 
 
@@ -175,12 +328,16 @@ def distill(teacher, wild, selection, test, student: str = "ap_digits_student", 
             noise_lr: float = 1e-3, robust: bool = False, teacher_acc: float | None = None,
             labeled=None, per_class: int = 0, flip: bool = True, workers: int = 2, device: str | None = None,
             seed: int = 0, resume=None, progress: bool = True) -> dict:
-    """Train a student from scratch on the selected wild images with the teacher as the only supervision."""
+    """Train a student from scratch on the selected wild images with the teacher as the only supervision.
+
+    Under torchrun each process distills on its shard of the selection with `batch_size` images per step;
+    the student and the noise-adaptation matrix are trained as one DistributedDataParallel module, the
+    teacher runs unwrapped on each process, and rank 0 alone writes RUN/."""
+    device = init_distributed(device)
+    progress = progress and is_main()
     seed_everything(seed)
-    device = pick_device(device)
     teacher_net, t_info = load_checkpoint(teacher, device)
-    for p in teacher_net.parameters():
-        p.requires_grad_(False)
+    teacher_net.eval().requires_grad_(False)
     t_depth = geometry(teacher_net)["depth"]
     t_blocks = check_blocks(probe_blocks if probe_blocks else default_distill_blocks(t_depth), t_depth,
                             "--probe-blocks") if probe_weight > 0 else []
@@ -195,10 +352,9 @@ def distill(teacher, wild, selection, test, student: str = "ap_digits_student", 
                                     t_info["in_chans"])
         paths += per_class_subset(labeled_ds, per_class, seed)  # used like wild images: teacher-supervised
     train_ds = ImageList(paths, transform=train_transform(t_info, flip), in_chans=t_info["in_chans"])
+    # Test images of another size or colour mode are resized and converted to the teacher's geometry.
     test_ds = labeled_folder(_class_dir(test, t_info["classes"], "val"), t_info["classes"], eval_transform(t_info),
                              t_info["in_chans"])
-    train_loader = make_loader(train_ds, batch_size, True, workers, seed, drop_last=len(train_ds) > batch_size)
-    test_loader = make_loader(test_ds, batch_size, False, workers)
 
     alpha = teacher_acc if teacher_acc is not None else t_info.get("accuracy")
     if noise_adaptation and not (alpha and 0 < alpha <= 1):
@@ -217,36 +373,47 @@ def distill(teacher, wild, selection, test, student: str = "ap_digits_student", 
                     teacher=os.path.abspath(teacher), selection=os.path.abspath(selection),
                     teacher_accuracy=t_info.get("accuracy"))
     run = RunDir(out, resume=bool(resume))
-    state = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
+    objects = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
     if noise:
-        state.update(noise=noise, noise_optimizer=optimizers[1])
-    start, best = _resume_state(resume, run, state)
-    for epoch in range(start, epochs):
+        objects.update(noise=noise, noise_optimizer=optimizers[1])
+    resumed = _resume_state(resume, run, objects)
+    seed_everything(seed + rank())  # the data streams: distinct per process, fixed by the seed
+    train_loader = _train_loader(train_ds, batch_size, workers, seed)
+    test_loader = _eval_loader(test_ds, batch_size, workers)
+    _restore_rng(resumed, seed, train_loader.generator)
+    model = _ddp(DistillModel(net, noise), device)
+    best = resumed["best"]
+    for epoch in range(resumed["start"], epochs):
         t0 = time.time()
         lr_now = optimizer.param_groups[0]["lr"]
-        stats = distill_one_epoch(net, teacher_net, train_loader, optimizers, device, temperature=temperature,
-                                  noise=noise, noise_weight=noise_weight, class_weights=weights,
-                                  probe_weight=probe_weight, teacher_blocks=t_blocks, student_blocks=s_blocks,
-                                  probe_variant=probe_variant, progress=progress)
+        train_loader.sampler.set_epoch(epoch)
+        stats = distill_one_epoch(model, teacher_net, train_loader, optimizers, device, temperature=temperature,
+                                  noise_weight=noise_weight, class_weights=weights, probe_weight=probe_weight,
+                                  teacher_blocks=t_blocks, student_blocks=s_blocks, probe_variant=probe_variant,
+                                  progress=progress)
         scheduler.step()
         acc = evaluate(net, test_loader, device, progress)
         if acc["top1"] > best:
             best = acc["top1"]
-            save_checkpoint(run.path / "best.pt", net, {**info, "accuracy": best, "epoch": epoch})
-        extra = {"noise": noise.state_dict(), "noise_optimizer": optimizers[1].state_dict()} if noise else {}
-        save_checkpoint(run.path / "last.pt", net, {**info, "accuracy": acc["top1"], "epoch": epoch},
-                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), epoch=epoch,
-                        best_top1=best, **extra)
-        run.log({"epoch": epoch, **stats, "test_top1": acc["top1"], "test_top5": acc["top5"], "lr": lr_now,
-                 "seconds": round(time.time() - t0, 3)})
+            run.save("best.pt", net, {**info, "accuracy": best, "epoch": epoch})
+        row = {"epoch": epoch, **stats, "test_top1": acc["top1"], "test_top5": acc["top5"], "test_n": acc["n"],
+               "lr": lr_now, "seconds": round(time.time() - t0, 3)}
+        resumed["history"].append(row)
+        run.save("last.pt", net, {**info, "accuracy": acc["top1"], "epoch": epoch},
+                 **_checkpoint_state(resumed, epoch, best, train_loader.generator, objects))
+        run.log(row)
+    barrier()
     return {**info, "accuracy": best}
 
 
 def evaluate_checkpoint(model, data, batch_size: int = 256, workers: int = 2, device: str | None = None,
                         progress: bool = True) -> dict:
-    """Top-1/top-5 of a checkpoint on a labeled folder with its classes (or an ImageFolder root's val/)."""
-    device = pick_device(device)
+    """Top-1/top-5 of a checkpoint on a labeled folder with its classes (or an ImageFolder root's val/).
+
+    Images of another size or colour mode than the model's are resized and converted to its geometry.
+    Under torchrun the folder is sharded over the processes and the counts summed."""
+    device = init_distributed(device)
     net, info = load_checkpoint(model, device)
     ds = labeled_folder(_class_dir(data, info["classes"], "val"), info["classes"], eval_transform(info),
                         info["in_chans"])
-    return evaluate(net, make_loader(ds, batch_size, False, workers), device, progress)
+    return evaluate(net, _eval_loader(ds, batch_size, workers), device, progress and is_main())

@@ -1,0 +1,234 @@
+"""The results report of a demo run: figures (PNG beside, embedded in one offline HTML file), the
+table of rows like the paper's Table 1, and plain statements of which strategy won and lost."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from .data import eval_transform, load_image
+from .errors import AttnprobeError
+from .models import load_checkpoint
+from .probe import BlockTaps, cls_attention
+from .select import probe_columns, read_table, strategy_scores
+
+SOURCE_ORDER = ["mnist_heldout", "sklearn_digits", "photo_crops", "faces", "noise"]
+
+
+def auroc(values: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a random positive < score of a random negative): how well LOW values pick positives."""
+    ranks = pd.Series(-values).rank().to_numpy()  # Mann-Whitney U from ranks; ties averaged
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _sources_sorted(sources: pd.Series) -> list[str]:
+    present = list(dict.fromkeys(sources))
+    return [s for s in SOURCE_ORDER if s in present] + sorted(s for s in present if s not in SOURCE_ORDER)
+
+
+def fig_score_terms(scores: pd.DataFrame, source: pd.Series) -> Figure:
+    terms = ["outlier"] + probe_columns(scores)
+    fig = Figure(figsize=(4.2 * len(terms), 3.4), layout="constrained")
+    for ax, term in zip(fig.subplots(1, len(terms), squeeze=False)[0], terms):
+        values = scores[term].to_numpy()
+        bins = np.linspace(values.min(), values.max(), 40)
+        for s in _sources_sorted(source):
+            ax.hist(values[source.to_numpy() == s], bins=bins, histtype="step", linewidth=1.6, density=True, label=s)
+        ax.set_title(f"{term} (lower = preferred)")
+        ax.set_xlabel(term)
+    fig.axes[0].legend(fontsize=8)
+    fig.suptitle("Score terms of every wild image, by source")
+    return fig
+
+
+def _thumb(ax, path, title=None, color=None):
+    ax.imshow(Image.open(path).convert("L"), cmap="gray", vmin=0, vmax=255)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if color:
+        for side in ax.spines.values():
+            side.set_edgecolor(color)
+            side.set_linewidth(2.5)
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def fig_ranked(scores: pd.DataFrame, order_score: np.ndarray, wild: Path, is_digit: np.ndarray, name: str,
+               n: int = 12) -> Figure:
+    """The n best-ranked (selected first) and n worst-ranked wild images of one strategy."""
+    order = np.lexsort((np.arange(len(order_score)), order_score))
+    fig = Figure(figsize=(n * 0.9, 2.3), layout="constrained")
+    axes = fig.subplots(2, n)
+    for row, idx in enumerate([order[:n], order[::-1][:n]]):
+        for ax, i in zip(axes[row], idx):
+            _thumb(ax, wild / scores.path.iat[i], color="tab:green" if is_digit[i] else "tab:red")
+        axes[row][0].set_ylabel(["best", "worst"][row], fontsize=9)
+    fig.suptitle(f"{name}: best-ranked (top) and worst-ranked (bottom); green frame = digit", fontsize=10)
+    return fig
+
+
+@torch.no_grad()
+def fig_attention(teacher_ckpt, wild: Path, paths: list[str], labels: list[str], blocks: list[int]) -> Figure:
+    """The attention probe (head 0's CLS attention over patches) at each probed block, over the image."""
+    model, info = load_checkpoint(teacher_ckpt)
+    x = torch.stack([eval_transform(info)(load_image(wild / p, info["in_chans"])) for p in paths])
+    with BlockTaps(model, qkv_blocks=blocks) as taps:
+        model(x)
+        maps = []
+        for b in blocks:
+            attn = model.blocks[b].attn
+            row = cls_attention(taps.qkv[b], attn.num_heads, attn.scale, attn.q_norm, attn.k_norm)
+            maps.append(row[:, 0, model.num_prefix_tokens:])
+    grid = model.patch_embed.grid_size
+    fig = Figure(figsize=(1.6 * (1 + len(blocks)), 1.6 * len(paths)), layout="constrained")
+    axes = fig.subplots(len(paths), 1 + len(blocks), squeeze=False)
+    for i, p in enumerate(paths):
+        _thumb(axes[i][0], wild / p)
+        axes[i][0].set_ylabel(labels[i], fontsize=8)
+        for j, b in enumerate(blocks):
+            heat = maps[j][i].reshape(grid).numpy()
+            ax = axes[i][j + 1]
+            ax.imshow(Image.open(wild / p).convert("L"), cmap="gray", extent=(0, 1, 1, 0))
+            ax.imshow(heat, cmap="inferno", alpha=0.6, extent=(0, 1, 1, 0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"block {b}", fontsize=8)
+    fig.suptitle("Attention probe: CLS attention over patches (head 0)", fontsize=10)
+    return fig
+
+
+def fig_top1(results: dict) -> Figure:
+    rows = results["rows"]
+    names = ["teacher"] + [r["name"] for r in rows]
+    values = [results["teacher"]["top1"]] + [r["top1"] for r in rows]
+    colors = ["tab:gray"] + ["tab:blue" if r["kind"] == "reference" else "tab:orange" for r in rows]
+    fig = Figure(figsize=(1.1 * len(names) + 1, 3.4), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.bar(names, [100 * v for v in values], color=colors)
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylim(0, 105)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    ax.set_title("Test top-1 per row (blue: reference rows on original data, orange: wild selections)")
+    return fig
+
+
+def fig_class_hist(results: dict, run: Path) -> Figure:
+    sel_rows = [r for r in results["rows"] if r["kind"] == "selection"]
+    fig = Figure(figsize=(8, 3.2), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(sel_rows)
+    for k, r in enumerate(sel_rows):
+        hist = json.loads((run / r["selection"]).with_suffix(".json").read_text())["pred_histogram"]
+        ax.bar(np.arange(len(hist)) + k * width, hist, width, label=r["name"])
+    ax.set_xticks(np.arange(len(hist)) + 0.4 - width / 2, [str(c) for c in range(len(hist))])
+    ax.set_xlabel("teacher's predicted class")
+    ax.set_ylabel("selected images")
+    ax.legend(fontsize=8)
+    ax.set_title("Class histogram of each selection")
+    return fig
+
+
+def _png(fig: Figure, path: Path) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    path.write_bytes(buf.getvalue())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def findings(results: dict, aurocs: dict) -> list[str]:
+    """Plain statements drawn from the numbers, including where a strategy loses."""
+    rows = {r["name"]: r for r in results["rows"]}
+    sel = [r for r in results["rows"] if r["kind"] == "selection"]
+    best = max(sel, key=lambda r: r["top1"])
+    out = [f"Best selection: <b>{best['name']}</b>, {100 * best['top1']:.1f}% test top-1 "
+           f"({100 * best['relative_top1']:.0f}% of the teacher's {100 * results['teacher']['top1']:.1f}%)."]
+    if "random" in rows:
+        for r in sel:
+            if r["name"] != "random":
+                diff = 100 * (r["top1"] - rows["random"]["top1"])
+                verdict = "beats" if diff > 0 else "loses to" if diff < 0 else "ties"
+                out.append(f"{r['name']} {verdict} random selection by {abs(diff):.1f} points of top-1 "
+                           f"(precision {100 * r['precision']:.0f}% vs {100 * rows['random']['precision']:.0f}%).")
+    for term, a in aurocs.items():
+        note = " — inverted: low values pick non-digits" if a < 0.5 else ""
+        out.append(f"AUROC of <code>{term}</code> for telling digits from non-digits (low = digit): {a:.2f}{note}.")
+    return out
+
+
+def write_report(run) -> Path:
+    """Build RUN/report.html (self-contained) and RUN/figures/*.png from a finished demo run."""
+    run = Path(run)
+    if not (run / "results.json").is_file():
+        raise AttnprobeError(f"{run} has no results.json; pass the output folder of a finished `attnprobe demo`")
+    results = json.loads((run / "results.json").read_text())
+    scores, meta = read_table(run / "scores.parquet")
+    sources = pd.read_csv(results["pool"]["sources_csv"]).set_index("path").loc[scores.path]
+    source, is_digit = sources["source"].reset_index(drop=True), (sources["label"] >= 0).to_numpy()
+    wild = Path(results["pool"]["wild_dir"])
+    figs_dir = run / "figures"
+    figs_dir.mkdir(exist_ok=True)
+    figs = [("Score terms by source", _png(fig_score_terms(scores, source), figs_dir / "score_terms.png"))]
+    for r in results["rows"]:
+        if r["kind"] == "selection":
+            s = r["settings"]
+            order = strategy_scores(scores, s["strategy"], s["w_attn"], s["w_out"], 0, s["normalize"])
+            figs.append((f"Ranking of {r['name']}", _png(fig_ranked(scores, order, wild, is_digit, r["name"]),
+                                                        figs_dir / f"ranked_{r['name']}.png")))
+    rng = np.random.default_rng(0)
+    picks = [int(rng.choice(np.flatnonzero(source.to_numpy() == s))) for s in _sources_sorted(source)]
+    figs.append(("Attention probe heatmaps", _png(fig_attention(
+        run / results["teacher"]["checkpoint"], wild, [scores.path.iat[i] for i in picks],
+        [source.iat[i] for i in picks], meta["blocks"]), figs_dir / "attention_probe.png")))
+    figs.append(("Test top-1", _png(fig_top1(results), figs_dir / "top1.png")))
+    figs.append(("Class histograms", _png(fig_class_hist(results, run), figs_dir / "class_histograms.png")))
+    aurocs = {t: auroc(scores[t].to_numpy(), is_digit) for t in ["outlier"] + probe_columns(scores)}
+    path = run / "report.html"
+    tmp = path.with_name(".report.html.tmp")
+    tmp.write_text(_html(results, figs, findings(results, aurocs)))
+    os.replace(tmp, path)
+    return path
+
+
+def _html(results: dict, figs, notes) -> str:
+    t = results["teacher"]
+    head = ("<tr><th>row</th><th>data</th><th>test top-1</th><th>of teacher</th><th>precision</th>"
+            "<th>composition of the selection</th></tr>")
+    body = [f"<tr><td>teacher</td><td>original training set, labels ({t['params']:,} params)</td>"
+            f"<td>{100 * t['top1']:.2f}</td><td>100%</td><td></td><td></td></tr>"]
+    for r in results["rows"]:
+        comp = ", ".join(f"{k} {v}" for k, v in r.get("composition", {}).items())
+        prec = f"{100 * r['precision']:.1f}%" if "precision" in r else ""
+        body.append(f"<tr><td>{html.escape(r['name'])}</td><td>{html.escape(r['data'])}</td>"
+                    f"<td>{100 * r['top1']:.2f}</td><td>{100 * r['relative_top1']:.0f}%</td><td>{prec}</td>"
+                    f"<td>{html.escape(comp)}</td></tr>")
+    pool = results["pool"]
+    pool_text = ", ".join(f"{k} {v}" for k, v in pool["by_source"].items())
+    images = "".join(f"<h3>{html.escape(title)}</h3><img src='data:image/png;base64,{b64}' alt='{html.escape(title)}'>"
+                     for title, b64 in figs)
+    cfg = html.escape(json.dumps(results["config"]))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>attnprobe: digits in the wild</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}
+th{{background:#f3f3f3}}img{{max-width:100%}}</style></head><body>
+<h1>Digits in the wild</h1>
+<p>Teacher: a {t['params']:,}-parameter ViT trained on MNIST digits; student: {results['student_params']:,} parameters.
+Wild pool: {pool['size']} images ({pool['digits']} digits; {html.escape(pool_text)}).
+Each selection keeps {results['config']['num_select']} images. Run: {'quick' if results['quick'] else 'full'},
+{results['seconds']:.0f} s on the CPU. Settings: <code>{cfg}</code>.</p>
+<h2>Results</h2><table>{head}{''.join(body)}</table>
+<p>Precision: fraction of digits among the selected images (the selector never sees the sources).</p>
+<h2>Findings</h2><ul>{''.join(f'<li>{n}</li>' for n in notes)}</ul>
+<h2>Figures</h2>{images}
+</body></html>"""

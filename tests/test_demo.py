@@ -1,0 +1,47 @@
+"""The quick demo end to end on the bundled digits, and `attnprobe report` rebuilding its report."""
+import json
+
+import pytest
+
+from attnprobe.cli import main
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(root / "run"), "--cache", str(root / "cache"), "--workers", "0"]) == 0
+    return root / "run"
+
+
+def test_quick_demo_results(demo_run):
+    results = json.loads((demo_run / "results.json").read_text())
+    names = [r["name"] for r in results["rows"]]
+    assert names == ["labels", "kd-original", "attnprobe", "dfnd", "probe", "random", "attnprobe-rank"]
+    pool = results["pool"]
+    assert pool["size"] == 1800 and pool["digits"] == 900
+    for r in results["rows"]:
+        assert 0.0 <= r["top1"] <= 1.0
+        assert r["relative_top1"] == pytest.approx(r["top1"] / results["teacher"]["top1"])
+        if r["kind"] == "selection":
+            assert sum(r["composition"].values()) == results["config"]["num_select"]
+            digits = sum(n for s, n in r["composition"].items() if s in ("mnist_heldout", "sklearn_digits"))
+            assert r["precision"] == pytest.approx(digits / results["config"]["num_select"])
+    # a dozen epochs on 1,500 digits is far from trained (a ViT learns slowly), but well above chance (0.1)
+    assert results["teacher"]["top1"] > 0.25
+    assert results["student_params"] < results["teacher"]["params"] / 5
+
+
+def test_report_is_self_contained_and_rebuilds(demo_run, capsys):
+    html = (demo_run / "report.html").read_text()
+    assert "<table>" in html and html.count("data:image/png;base64,") == 9  # terms, 5 rankings, heatmaps, top-1, classes
+    assert "src='http" not in html and 'src="http' not in html
+    for name in ("score_terms", "attention_probe", "top1", "class_histograms", "ranked_attnprobe"):
+        assert (demo_run / "figures" / f"{name}.png").stat().st_size > 1000
+    (demo_run / "report.html").unlink()
+    assert main(["report", str(demo_run)]) == 0
+    assert (demo_run / "report.html").read_text().count("data:image/png;base64,") == 9
+
+
+def test_report_of_a_folder_without_results(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results.json" in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""Two-process Gloo runs on the CPU through torchrun: the same flags as one process, rank 0 alone writes,
+evaluation is sharded and counts every test image once, and the replicas (student and noise adaptation's
+Q) stay identical."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+
+from attnprobe import load_checkpoint
+from attnprobe.models import read_checkpoint
+from attnprobe.select import write_table
+
+from .conftest import TINY_STUDENT, TINY_TEACHER
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV.pop("RANK", None), ENV.pop("WORLD_SIZE", None), ENV.pop("LOCAL_RANK", None)
+
+
+def torchrun(*args, timeout=240):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *args], env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def kwargs_args(kwargs):
+    return ["--model-kwargs", *[f"{k}={v}" for k, v in kwargs.items()]]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def odd_test_set(image_root, tmp_path_factory):
+    """The 24 val images plus one: 25, so that two shards differ in size (no padding may be counted)."""
+    root = tmp_path_factory.mktemp("odd") / "val"
+    shutil.copytree(image_root / "data/val", root)
+    shutil.copy(image_root / "data/val/hbar/0.png", root / "hbar" / "extra.png")
+    return root
+
+
+def test_distill_two_processes_and_resume(image_root, teacher_ckpt, odd_test_set, tmp_path):
+    wild = image_root / "wild"
+    paths = sorted(p.relative_to(wild).as_posix() for p in wild.rglob("*")
+                   if p.suffix.lower() in (".png", ".jpg", ".bmp"))
+    write_table(pd.DataFrame({"path": paths}), tmp_path / "sel.parquet", {})
+    out = tmp_path / "run"
+    s_arch, s_kw = TINY_STUDENT
+    argv = lambda epochs, *x: ["-m", "attnprobe.cli", "distill", "--teacher", str(teacher_ckpt),  # noqa: E731
+                               "--wild", str(wild), "--selection", str(tmp_path / "sel.parquet"),
+                               "--test", str(odd_test_set), "--student", s_arch, *kwargs_args(s_kw),
+                               "--epochs", str(epochs), "--out", str(out), "--batch-size", "4", "--workers", "0",
+                               "--device", "cpu", "--schedule", "step", "--no-progress", *x]
+    proc = torchrun(*argv(1))
+    assert proc.stdout.count("student: best test top-1") == 1  # printed by rank 0 only
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+    last = read_checkpoint(out / "last.pt")
+    assert last["epoch"] == 0 and len(last["rng"]) == 2  # both ranks' random streams, for --resume
+    assert last["rng"][0]["loader"].tolist() != last["rng"][1]["loader"].tolist()  # distinct per rank
+    torchrun(*argv(2, "--resume", str(out / "last.pt")))  # continues on 2 processes, each with its own state
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1]  # one row per epoch: rank 1 wrote none
+    assert all(r["test_n"] == 25 for r in rows)  # sharded evaluation counts each test image once
+    model, info = load_checkpoint(out / "best.pt")
+    assert read_checkpoint(out / "last.pt")["epoch"] == 1
+    assert info["accuracy"] == max(r["test_top1"] for r in rows)
+
+
+def test_train_teacher_two_processes(image_root, odd_test_set, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    os.symlink(image_root / "data/train", data / "train")
+    os.symlink(odd_test_set, data / "val")
+    arch, kw = TINY_TEACHER
+    torchrun("-m", "attnprobe.cli", "train-teacher", "--data", str(data), "--model", arch, *kwargs_args(kw),
+             "--epochs", "1", "--out", str(tmp_path / "run"), "--batch-size", "8", "--workers", "0", "--no-progress")
+    rows = read_jsonl(tmp_path / "run/metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0] and rows[0]["val_n"] == 25
+    load_checkpoint(tmp_path / "run/last.pt")
+
+
+REPLICAS = textwrap.dedent("""
+    # Each rank distills on different random images; afterwards every parameter (student and Q) must be
+    # identical on both ranks, i.e. DDP averaged all gradients, Q's included.
+    import sys, torch, timm
+    from attnprobe import distributed as d
+    from attnprobe.engine import DistillModel, distill_one_epoch
+    from attnprobe.losses import NoiseAdaptation
+    device = d.init_distributed("cpu")
+    torch.manual_seed(0)
+    kw = dict(img_size=16, patch_size=4, num_classes=3, depth=2, num_heads=2)
+    teacher = timm.create_model("vit_tiny_patch16_224", embed_dim=32, **kw).eval().requires_grad_(False)
+    student = timm.create_model("vit_tiny_patch16_224", embed_dim=16, **kw)
+    model = torch.nn.parallel.DistributedDataParallel(DistillModel(student, NoiseAdaptation(3, 0.9)))
+    g = torch.Generator().manual_seed(100 + d.rank())
+    batches = [(torch.randn(4, 3, 16, 16, generator=g),) for _ in range(3)]
+    opts = [torch.optim.AdamW(student.parameters(), lr=1e-2),
+            torch.optim.Adam(model.module.noise.parameters(), lr=1e-1)]
+    stats = distill_one_epoch(model, teacher, batches, opts, device, teacher_blocks=[0, 1], student_blocks=[0, 1],
+                              progress=False)
+    flat = torch.cat([p.detach().flatten() for p in model.module.parameters()])
+    everyone = d.all_gather_object((flat, stats))
+    if d.is_main():
+        assert torch.equal(everyone[0][0], everyone[1][0]), "replicas diverged"
+        assert everyone[0][1] == everyone[1][1], "epoch statistics differ between ranks"
+        assert not torch.equal(model.module.noise.q, torch.zeros_like(model.module.noise.q))
+        open(sys.argv[1], "w").write("ok")
+    d.cleanup()
+""")
+
+
+def test_replicas_and_noise_matrix_stay_in_sync(tmp_path):
+    script = tmp_path / "replicas.py"
+    script.write_text(REPLICAS)
+    torchrun(str(script), str(tmp_path / "ok"))
+    assert (tmp_path / "ok").read_text() == "ok"
