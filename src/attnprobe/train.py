@@ -224,6 +224,32 @@ def _ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def _fit(run: "RunDir", info: dict, objects: dict, resumed: dict, epochs: int, train_loader, eval_loader, device,
+         progress: bool, split: str, one_epoch) -> float:
+    """The epochs left: train (`one_epoch()`), step the schedule, evaluate, keep best.pt and last.pt, log a
+    metrics row (`<split>_top1`, ...). Returns the best top-1."""
+    net, optimizer, scheduler = objects["model"], objects["optimizer"], objects["scheduler"]
+    best = resumed["best"]
+    for epoch in range(resumed["start"], epochs):
+        t0 = time.time()
+        lr_now = optimizer.param_groups[0]["lr"]
+        train_loader.sampler.set_epoch(epoch)
+        stats = one_epoch()
+        scheduler.step()
+        acc = evaluate(net, eval_loader, device, progress)
+        if acc["top1"] > best:
+            best = acc["top1"]
+            run.save("best.pt", net, {**info, "accuracy": best, "epoch": epoch})
+        row = {"epoch": epoch, **stats, f"{split}_top1": acc["top1"], f"{split}_top5": acc["top5"],
+               f"{split}_n": acc["n"], "lr": lr_now, "seconds": round(time.time() - t0, 3)}
+        resumed["history"].append(row)
+        run.save("last.pt", net, {**info, "accuracy": acc["top1"], "epoch": epoch},
+                 **_checkpoint_state(resumed, epoch, best, train_loader.generator, objects))
+        run.log(row)
+    barrier()
+    return best
+
+
 def train_teacher(data, model: str = "ap_digits_teacher", model_kwargs: dict | None = None, epochs: int = 10,
                   out="runs/teacher", batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05,
                   schedule: str = "cosine", warmup_epochs: int = 0, label_smoothing: float = 0.0,
@@ -257,24 +283,8 @@ def train_teacher(data, model: str = "ap_digits_teacher", model_kwargs: dict | N
     val_loader = _eval_loader(val_ds, batch_size, workers)
     _restore_rng(resumed, seed, train_loader.generator)
     model_ddp = _ddp(net, device)
-    best = resumed["best"]
-    for epoch in range(resumed["start"], epochs):
-        t0 = time.time()
-        lr_now = optimizer.param_groups[0]["lr"]
-        train_loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model_ddp, train_loader, optimizer, device, label_smoothing, progress)
-        scheduler.step()
-        acc = evaluate(net, val_loader, device, progress)
-        if acc["top1"] > best:
-            best = acc["top1"]
-            run.save("best.pt", net, {**info, "accuracy": best, "epoch": epoch})
-        row = {"epoch": epoch, **stats, "val_top1": acc["top1"], "val_top5": acc["top5"], "val_n": acc["n"],
-               "lr": lr_now, "seconds": round(time.time() - t0, 3)}
-        resumed["history"].append(row)
-        run.save("last.pt", net, {**info, "accuracy": acc["top1"], "epoch": epoch},
-                 **_checkpoint_state(resumed, epoch, best, train_loader.generator, objects))
-        run.log(row)
-    barrier()
+    best = _fit(run, info, objects, resumed, epochs, train_loader, val_loader, device, progress, "val",
+                lambda: train_one_epoch(model_ddp, train_loader, optimizer, device, label_smoothing, progress))
     return {**info, "accuracy": best}
 
 
@@ -382,27 +392,11 @@ def distill(teacher, wild, selection, test, student: str = "ap_digits_student", 
     test_loader = _eval_loader(test_ds, batch_size, workers)
     _restore_rng(resumed, seed, train_loader.generator)
     model = _ddp(DistillModel(net, noise), device)
-    best = resumed["best"]
-    for epoch in range(resumed["start"], epochs):
-        t0 = time.time()
-        lr_now = optimizer.param_groups[0]["lr"]
-        train_loader.sampler.set_epoch(epoch)
-        stats = distill_one_epoch(model, teacher_net, train_loader, optimizers, device, temperature=temperature,
-                                  noise_weight=noise_weight, class_weights=weights, probe_weight=probe_weight,
-                                  teacher_blocks=t_blocks, student_blocks=s_blocks, probe_variant=probe_variant,
-                                  progress=progress)
-        scheduler.step()
-        acc = evaluate(net, test_loader, device, progress)
-        if acc["top1"] > best:
-            best = acc["top1"]
-            run.save("best.pt", net, {**info, "accuracy": best, "epoch": epoch})
-        row = {"epoch": epoch, **stats, "test_top1": acc["top1"], "test_top5": acc["top5"], "test_n": acc["n"],
-               "lr": lr_now, "seconds": round(time.time() - t0, 3)}
-        resumed["history"].append(row)
-        run.save("last.pt", net, {**info, "accuracy": acc["top1"], "epoch": epoch},
-                 **_checkpoint_state(resumed, epoch, best, train_loader.generator, objects))
-        run.log(row)
-    barrier()
+    best = _fit(run, info, objects, resumed, epochs, train_loader, test_loader, device, progress, "test",
+                lambda: distill_one_epoch(model, teacher_net, train_loader, optimizers, device,
+                                          temperature=temperature, noise_weight=noise_weight, class_weights=weights,
+                                          probe_weight=probe_weight, teacher_blocks=t_blocks,
+                                          student_blocks=s_blocks, probe_variant=probe_variant, progress=progress))
     return {**info, "accuracy": best}
 
 
