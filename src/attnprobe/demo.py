@@ -33,7 +33,7 @@ SELECTIONS = [
     ("attnprobe-rank", dict(strategy="attnprobe", normalize="rank", w_attn=0.5, w_out=0.5)),
 ]
 # Relative cost of each stage, for the time-left estimate.
-STAGE_COST = {"data": 1, "teacher": 8, "score": 1, "select": 0.2, "student": 3, "report": 1}
+STAGE_COST = {"data": 0.2, "teacher": 16, "score": 0.2, "select": 0.1, "student": 3, "report": 0.5}
 
 
 def default_cache() -> Path:
