@@ -3,9 +3,7 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import torch
 
 from attnprobe import load_checkpoint
 from attnprobe.cli import main

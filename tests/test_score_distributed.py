@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from attnprobe.cli import main
 from attnprobe.score import parts_dir

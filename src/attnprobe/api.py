@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 
 from .errors import AttnprobeError
-from .models import load_checkpoint
-from .select import read_table, score_pool, select_images, write_table
-from .train import distill, evaluate_checkpoint as evaluate, pick_device, train_teacher
+from .select import read_table, select_images, write_table
+from .train import distill, evaluate_checkpoint as evaluate, train_teacher
 
 __all__ = ["prepare", "train_teacher", "score", "select", "distill", "evaluate"]
 

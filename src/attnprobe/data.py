@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from array import array
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def iter_images(root) -> "iterator[str]":
+def iter_images(root) -> Iterator[str]:
     """Image files under root, recursively, as '/'-separated paths relative to root, in sorted order.
 
     Walks with os.scandir in sorted order so a million-file tree streams without a second copy."""

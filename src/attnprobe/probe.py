@@ -119,11 +119,18 @@ class BlockTaps:
             store[b] = output
         return hook
 
-    def probe_cosines(self, b: int) -> torch.Tensor:
-        """(B, H) cosine-to-uniform of block b's CLS attention over patches, from the kept qkv."""
+    def cls_attention(self, b: int) -> torch.Tensor:
+        """(B, H, N) CLS row of block b's attention, from the kept qkv."""
         attn = self.model.blocks[b].attn
-        row = cls_attention(self.qkv[b], attn.num_heads, attn.scale, attn.q_norm, attn.k_norm)
-        return uniform_cosine(row, getattr(self.model, "num_prefix_tokens", 1))
+        return cls_attention(self.qkv[b], attn.num_heads, attn.scale, attn.q_norm, attn.k_norm)
+
+    def probe_cosines(self, b: int) -> torch.Tensor:
+        """(B, H) cosine-to-uniform of block b's CLS attention over patches."""
+        return uniform_cosine(self.cls_attention(b), getattr(self.model, "num_prefix_tokens", 1))
+
+    def probes(self, heads: str = "first") -> torch.Tensor:
+        """(B, len(qkv_blocks)) probe term of each tapped block, heads reduced."""
+        return torch.stack([reduce_heads(self.probe_cosines(b), heads) for b in self.qkv_blocks], dim=1)
 
     def similarities(self, variant: str = "cosine") -> list[torch.Tensor]:
         """CLS-to-patch similarity of each kept block output, in `output_blocks` order."""
@@ -136,5 +143,4 @@ def probe_scores(model: nn.Module, images: torch.Tensor, blocks: list[int], head
     """One teacher forward -> (logits (B, C), probe (B, len(blocks)) cosine-to-uniform per block)."""
     with BlockTaps(model, qkv_blocks=blocks) as taps:
         logits = model(images)
-        probes = torch.stack([reduce_heads(taps.probe_cosines(b), heads) for b in blocks], dim=1)
-    return logits, probes
+        return logits, taps.probes(heads)

@@ -18,7 +18,7 @@ from PIL import Image
 from .data import eval_transform, load_image
 from .errors import AttnprobeError
 from .models import load_checkpoint
-from .probe import BlockTaps, cls_attention
+from .probe import BlockTaps
 from .select import probe_columns, read_table, strategy_scores
 
 SOURCE_ORDER = ["mnist_heldout", "sklearn_digits", "photo_crops", "faces", "noise"]
@@ -84,11 +84,7 @@ def fig_attention(teacher_ckpt, wild: Path, paths: list[str], labels: list[str],
     x = torch.stack([eval_transform(info)(load_image(wild / p, info["in_chans"])) for p in paths])
     with BlockTaps(model, qkv_blocks=blocks) as taps:
         model(x)
-        maps = []
-        for b in blocks:
-            attn = model.blocks[b].attn
-            row = cls_attention(taps.qkv[b], attn.num_heads, attn.scale, attn.q_norm, attn.k_norm)
-            maps.append(row[:, 0, model.num_prefix_tokens:])
+        maps = [taps.cls_attention(b)[:, 0, model.num_prefix_tokens:] for b in blocks]
     grid = model.patch_embed.grid_size
     fig = Figure(figsize=(1.6 * (1 + len(blocks)), 1.6 * len(paths)), layout="constrained")
     axes = fig.subplots(len(paths), 1 + len(blocks), squeeze=False)

@@ -38,7 +38,7 @@ from . import distributed
 from .data import ImageList, PathList, collate_skipping, eval_transform, make_loader
 from .errors import AttnprobeError
 from .models import geometry, load_checkpoint
-from .probe import HEAD_REDUCTIONS, BlockTaps, check_blocks, default_probe_blocks, reduce_heads
+from .probe import HEAD_REDUCTIONS, BlockTaps, check_blocks, default_probe_blocks
 
 CHUNK_SIZE = 2048
 MAX_STORED_CLASSES = 256  # keep per-image softmax up to this many classes (1.28M x 256 float32 ~ 1.3 GB)
@@ -121,12 +121,11 @@ class ScoringForward:
 
     def __enter__(self):
         taps = self._taps.__enter__()
-        model, blocks, heads = self.model, self.blocks, self.heads
+        model, heads = self.model, self.heads
 
         def forward(images):
-            logits = model(images)
-            probe = torch.stack([reduce_heads(taps.probe_cosines(b), heads) for b in blocks], dim=1)
-            return logits, probe
+            logits = model(images)  # the hooks keep the probed blocks' qkv for taps.probes
+            return logits, taps.probes(heads)
         # one static shape when compiled: partial batches are padded to batch_size, so no recompiles
         self._fwd = torch.compile(forward, dynamic=False) if self.compile else forward
         return self

@@ -1,7 +1,6 @@
 """Step 1 of the method, second half: the score table's IO, the selection strategies, top-K.
 
-The scoring pass itself (one teacher forward per wild image) is in score.py; `score_pool` is
-re-exported here for older callers.
+The scoring pass itself (one teacher forward per wild image) is in score.py.
 
 Score table columns: path (relative to the wild root), pred, outlier (= -log max softmax, DFND),
 probe_<b> (cosine of block b's CLS attention over patches with uniform), and `probs` (the softmax,
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 
 from .errors import AttnprobeError
 from .losses import class_weights
-from .score import MAX_STORED_CLASSES, META_KEY, score_pool  # noqa: F401  (re-exported)
+from .score import META_KEY
 
 STRATEGIES = ("attnprobe", "dfnd", "probe", "random")
 NORMALIZATIONS = ("none", "rank", "zscore")
