@@ -32,6 +32,8 @@ def _train_common(p, lr, wd):
     p.add_argument("--warmup-epochs", type=int, default=0)
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (digits, text)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-images", action="store_true",
+                   help="keep decoded images in memory after the first epoch (data that fits in RAM, --workers 0)")
     p.add_argument("--resume", default=None, metavar="RUN/last.pt",
                    help="continue a stopped run where it stopped: weights, optimizer, LR schedule, noise adaptation, "
                         "best score, random state; with the same seed the result equals an uninterrupted run")
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
     p.add_argument("--model", default="ap_digits_teacher", help="preset or timm ViT name")
     _train_common(p, lr=1e-3, wd=0.05)
-    p.add_argument("--affine", action="store_true", help="small random affine jitter (rotation, shift, scale)")
+    p.add_argument("--affine", action="store_true",
+                   help="small random affine jitter (rotation, shift, scale) instead of the padded random crop")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean (default: timm's for the arch)")
     p.add_argument("--std", type=float, nargs="+", default=None)
@@ -137,7 +140,7 @@ def run(args) -> None:
             info = api.train_teacher(args.data, args.model, _kwargs(args), args.epochs, args.out, args.batch_size,
                                      args.lr, args.weight_decay, args.schedule, args.warmup_epochs,
                                      args.label_smoothing, args.flip, args.affine, args.mean, args.std, args.workers,
-                                     args.device, args.seed, args.resume, args.progress)
+                                     args.device, args.seed, args.resume, args.progress, args.cache_images)
         if _rank0():
             print(f"teacher: best val top-1 {info['accuracy']:.4f}, {info['params']:,} parameters -> {args.out}/best.pt")
     elif cmd == "score":
@@ -158,7 +161,7 @@ def run(args) -> None:
                                args.probe_variant, args.noise_adaptation, args.noise_weight, robust=args.robust,
                                teacher_acc=args.teacher_acc, labeled=args.labeled, per_class=args.per_class,
                                flip=args.flip, workers=args.workers, device=args.device, seed=args.seed,
-                               resume=args.resume, progress=args.progress)
+                               resume=args.resume, progress=args.progress, cache_images=args.cache_images)
         if _rank0():
             print(f"student: best test top-1 {info['accuracy']:.4f}, {info['params']:,} parameters -> {args.out}/best.pt")
     elif cmd == "demo":

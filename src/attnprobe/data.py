@@ -6,7 +6,6 @@ import os
 import warnings
 from array import array
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -169,15 +168,36 @@ def eval_transform(info: dict):
 
 
 def train_transform(info: dict, flip: bool = True, affine: bool = False):
-    """Eval geometry plus random crop with 4-pixel padding, horizontal flip (off for digits), and an
-    optional small affine jitter."""
+    """Eval geometry, then a random crop with 4-pixel padding (CIFAR style) or, with `affine`, a small
+    affine jitter instead (digits: the padded crop shifts a 28-pixel digit too far and slows learning),
+    then a horizontal flip unless `flip` is off (digits, text)."""
     size = _size(info)
-    steps = [transforms.Resize(size), transforms.CenterCrop(size), transforms.RandomCrop(size, padding=4)]
-    if flip:
-        steps.append(transforms.RandomHorizontalFlip())
+    steps = [transforms.Resize(size), transforms.CenterCrop(size)]
     if affine:
         steps.append(transforms.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1)))
+    else:
+        steps.append(transforms.RandomCrop(size, padding=4))
+    if flip:
+        steps.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(steps + _normalize(info))
+
+
+class ImageLoader:
+    """`load_image` with a fixed channel count, optionally keeping every decoded image in memory so that
+    epochs after the first read no files (`cache=True`: for image sets that fit in RAM, with
+    `--workers 0`; a worker process would keep its own copy and lose it at the end of the epoch)."""
+
+    def __init__(self, in_chans: int, size_hint: int | None = None, cache: bool = False):
+        self.in_chans, self.size_hint = in_chans, size_hint
+        self.cache: dict | None = {} if cache else None
+
+    def __call__(self, path) -> Image.Image:
+        if self.cache is None:
+            return load_image(path, self.in_chans, self.size_hint)
+        img = self.cache.get(path)
+        if img is None:  # transforms return new images, so the cached one is never changed
+            img = self.cache[path] = load_image(path, self.in_chans, self.size_hint)
+        return img
 
 
 class ImageList(Dataset):
@@ -187,16 +207,16 @@ class ImageList(Dataset):
     gives None and the reason instead of raising; `collate_skipping` drops those from the batch."""
 
     def __init__(self, paths, root=None, transform=None, in_chans: int = 3, size_hint=None,
-                 skip_bad: bool = False):
-        self.paths, self.root, self.transform = paths, root, transform
-        self.in_chans, self.size_hint, self.skip_bad = in_chans, size_hint, skip_bad
+                 skip_bad: bool = False, cache: bool = False):
+        self.paths, self.root, self.transform, self.skip_bad = paths, root, transform, skip_bad
+        self.loader = ImageLoader(in_chans, size_hint, cache)
 
     def __len__(self):
         return len(self.paths)
 
     def _load(self, i):
         path = os.path.join(self.root, self.paths[i]) if self.root is not None else self.paths[i]
-        img = load_image(path, self.in_chans, self.size_hint)
+        img = self.loader(path)
         return self.transform(img) if self.transform else img
 
     def __getitem__(self, i):
@@ -225,9 +245,9 @@ def collate_skipping(batch):
     return images, torch.tensor([i for _, i in good], dtype=torch.long), failed
 
 
-def labeled_folder(root, classes: list[str], transform, in_chans: int) -> datasets.ImageFolder:
+def labeled_folder(root, classes: list[str], transform, in_chans: int, cache: bool = False) -> datasets.ImageFolder:
     """An ImageFolder whose class folders must be exactly the teacher's classes; targets are the
-    teacher's class indices."""
+    teacher's class indices. `cache`: keep the decoded images in memory (see ImageLoader)."""
     root = Path(root)
     if not root.is_dir():
         raise AttnprobeError(f"labeled folder {root} does not exist; pass a folder of class folders")
@@ -238,7 +258,7 @@ def labeled_folder(root, classes: list[str], transform, in_chans: int) -> datase
                              "pass a folder with one sub-folder per class of the teacher")
     try:
         ds = datasets.ImageFolder(root, transform=transform,
-                                  loader=partial(load_image, in_chans=in_chans), is_valid_file=is_image_file)
+                                  loader=ImageLoader(in_chans, cache=cache), is_valid_file=is_image_file)
     except FileNotFoundError as e:
         raise AttnprobeError(f"{root}: {e}; every class folder needs at least one image") from None
     index = {c: i for i, c in enumerate(classes)}

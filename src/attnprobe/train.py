@@ -254,8 +254,10 @@ def train_teacher(data, model: str = "ap_digits_teacher", model_kwargs: dict | N
                   out="runs/teacher", batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05,
                   schedule: str = "cosine", warmup_epochs: int = 0, label_smoothing: float = 0.0,
                   flip: bool = True, affine: bool = False, mean=None, std=None, workers: int = 2,
-                  device: str | None = None, seed: int = 0, resume=None, progress: bool = True) -> dict:
+                  device: str | None = None, seed: int = 0, resume=None, progress: bool = True,
+                  cache_images: bool = False) -> dict:
     """Supervised training on DATA/train, evaluated on DATA/val every epoch. Returns the best info.
+    `cache_images`: keep the decoded images in memory after the first epoch (small data sets, workers=0).
 
     Under torchrun each process trains on its shard of DATA/train with `batch_size` images per step
     (DistributedDataParallel); rank 0 alone writes RUN/."""
@@ -271,8 +273,8 @@ def train_teacher(data, model: str = "ap_digits_teacher", model_kwargs: dict | N
     in_chans = geometry(net)["in_chans"]
     d_mean, d_std = default_norm(arch, in_chans)
     info = describe(net, arch, kwargs, classes, mean or d_mean, std or d_std, role="teacher")
-    train_ds = labeled_folder(train_dir, classes, train_transform(info, flip, affine), in_chans)
-    val_ds = labeled_folder(val_dir, classes, eval_transform(info), in_chans)
+    train_ds = labeled_folder(train_dir, classes, train_transform(info, flip, affine), in_chans, cache_images)
+    val_ds = labeled_folder(val_dir, classes, eval_transform(info), in_chans, cache_images)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = lr_schedule(optimizer, schedule, epochs, warmup_epochs)
     run = RunDir(out, resume=bool(resume))
@@ -337,7 +339,7 @@ def distill(teacher, wild, selection, test, student: str = "ap_digits_student", 
             probe_variant: str = "cosine", noise_adaptation: bool = True, noise_weight: float = 1.0,
             noise_lr: float = 1e-3, robust: bool = False, teacher_acc: float | None = None,
             labeled=None, per_class: int = 0, flip: bool = True, workers: int = 2, device: str | None = None,
-            seed: int = 0, resume=None, progress: bool = True) -> dict:
+            seed: int = 0, resume=None, progress: bool = True, cache_images: bool = False) -> dict:
     """Train a student from scratch on the selected wild images with the teacher as the only supervision.
 
     Under torchrun each process distills on its shard of the selection with `batch_size` images per step;
@@ -361,10 +363,11 @@ def distill(teacher, wild, selection, test, student: str = "ap_digits_student", 
         labeled_ds = labeled_folder(_class_dir(labeled, t_info["classes"], "train"), t_info["classes"], None,
                                     t_info["in_chans"])
         paths += per_class_subset(labeled_ds, per_class, seed)  # used like wild images: teacher-supervised
-    train_ds = ImageList(paths, transform=train_transform(t_info, flip), in_chans=t_info["in_chans"])
+    train_ds = ImageList(paths, transform=train_transform(t_info, flip), in_chans=t_info["in_chans"],
+                         cache=cache_images)
     # Test images of another size or colour mode are resized and converted to the teacher's geometry.
     test_ds = labeled_folder(_class_dir(test, t_info["classes"], "val"), t_info["classes"], eval_transform(t_info),
-                             t_info["in_chans"])
+                             t_info["in_chans"], cache_images)
 
     alpha = teacher_acc if teacher_acc is not None else t_info.get("accuracy")
     if noise_adaptation and not (alpha and 0 < alpha <= 1):
