@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from .errors import AttnprobeError
+from .models import atomic_write_text
 from .select import read_table, select_images, write_table
 from .train import distill, evaluate_checkpoint as evaluate, train_teacher
 
@@ -44,7 +45,5 @@ def select(scores, num_select: int, strategy: str = "attnprobe", w_attn: float =
     summary.update(scores=os.path.abspath(scores), classes=meta.get("classes"))
     out = Path(out)
     write_table(selected, out, {**meta, "selection": summary})
-    tmp = out.with_name(f".{out.stem}.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=1) + "\n")
-    os.replace(tmp, out.with_suffix(".json"))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")
     return summary

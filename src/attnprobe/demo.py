@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .api import distill, score, select, train_teacher
-from .models import load_checkpoint
+from .models import atomic_write_text, load_checkpoint
 from .select import read_table, write_table
 
 # Settings of the two sizes of run. Same method and defaults as the CLI except where noted: the
@@ -172,6 +172,4 @@ def summarize(out: Path, rows, teacher_info, teacher_test, sources, bench, cfg, 
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")

@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from .models import atomic_write_text
+
 VERSION = 1
 SIZES = {False: {"train": 3500, "test": 1000, "mnist_heldout": 500, "sklearn_digits": 1797},
          True: {"train": 1500, "test": 500, "mnist_heldout": 300, "sklearn_digits": 600}}
@@ -44,9 +46,7 @@ def build_digits_benchmark(root, quick: bool = False, seed: int = 0, progress: b
             (bool(quick), int(seed), VERSION):
         counts = _build(root, bool(quick), int(seed), progress)
         manifest = {"quick": bool(quick), "seed": int(seed), "counts": counts, "version": VERSION}
-        tmp = root / ".manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, root / "manifest.json")
+        atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     return {"root": root, "train_dir": root / "original" / "train", "test_dir": root / "original" / "val",
             "original_dir": root / "original", "wild_dir": root / "wild", "sources_csv": root / "wild_sources.csv",
             "counts": dict(manifest["counts"])}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import os
+import tempfile
 from pathlib import Path
 
 import timm
@@ -127,6 +128,22 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write a text file whole or not at all: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _fsync_dir(folder: Path) -> None:

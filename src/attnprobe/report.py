@@ -6,7 +6,6 @@ import base64
 import html
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from PIL import Image
 
 from .data import eval_transform, load_image
 from .errors import AttnprobeError
-from .models import load_checkpoint
+from .models import atomic_write_text, load_checkpoint
 from .probe import BlockTaps
 from .select import probe_columns, read_table, strategy_scores
 
@@ -191,9 +190,7 @@ def write_report(run) -> Path:
     figs.append(("Class histograms", _png(fig_class_hist(results, run), figs_dir / "class_histograms.png")))
     aurocs = {t: auroc(scores[t].to_numpy(), is_digit) for t in ["outlier"] + probe_columns(scores)}
     path = run / "report.html"
-    tmp = path.with_name(".report.html.tmp")
-    tmp.write_text(_html(results, figs, findings(results, aurocs)))
-    os.replace(tmp, path)
+    atomic_write_text(path, _html(results, figs, findings(results, aurocs)))
     return path
 
 

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -22,8 +21,8 @@ from .distributed import all_gather_object, barrier, init_distributed, is_main, 
 from .engine import DistillModel, distill_one_epoch, evaluate, train_one_epoch
 from .errors import AttnprobeError
 from .losses import NoiseAdaptation
-from .models import (build_model, default_norm, describe, geometry, load_checkpoint, read_checkpoint,
-                     resolve_model, save_checkpoint)
+from .models import (atomic_write_text, build_model, default_norm, describe, geometry, load_checkpoint,
+                     read_checkpoint, resolve_model, save_checkpoint)
 from .probe import check_blocks, default_distill_blocks, map_blocks
 from .select import read_table
 
@@ -32,22 +31,6 @@ SCHEDULES = ("cosine", "step")
 
 def pick_device(device: str | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write a text file whole or not at all: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def seed_everything(seed: int) -> None:
