@@ -343,3 +343,42 @@ def test_scoring_forward_is_probe_scores(teacher_ckpt):
         np.testing.assert_array_equal(pred, log_p.argmax(1).numpy())
         np.testing.assert_array_equal(outlier, -log_p.max(1).values.numpy())
         np.testing.assert_array_equal(probs, log_p.exp().numpy())
+
+
+def test_stretch_scores_the_whole_image(image_root, teacher_ckpt, tmp_path):
+    """--resize stretch: every image resized whole to the square input (the reference's way); recorded in the
+    table's metadata and guarded on resume."""
+    from attnprobe.errors import AttnprobeError
+    from attnprobe.score import GUARDED, _check_settings
+    from attnprobe.score import score  # the pass itself (api.score forwards to it)
+    wild = image_root / "wild"
+    kw = dict(batch_size=7, workers=0, progress=False, chunk_size=8, device="cpu")
+    meta = score(teacher_ckpt, wild, tmp_path / "s.parquet", resize="stretch", **kw)
+    assert meta["resize"] == "stretch"
+    df, table_meta = read_table(tmp_path / "s.parquet")
+    assert table_meta["resize"] == "stretch"
+    score(teacher_ckpt, wild, tmp_path / "c.parquet", **kw)
+    crop, crop_meta = read_table(tmp_path / "c.parquet")
+    assert crop_meta["resize"] == "crop" and list(crop.path) == list(df.path)
+
+    model, info = load_checkpoint(teacher_ckpt)
+    x = torch.stack([eval_transform(info, resize="stretch")(load_image(wild / p, 3, 16)) for p in df.path])
+    with torch.no_grad():
+        log_p = model(x).log_softmax(1)
+    np.testing.assert_allclose(df.outlier.to_numpy(), -log_p.max(1).values.numpy(), atol=1e-5)
+    square = df.path.str.startswith("shapes/").to_numpy()  # 16 x 16 shapes: the same either way
+    np.testing.assert_array_equal(df.outlier.to_numpy()[square], crop.outlier.to_numpy()[square])
+    assert (df.outlier.to_numpy()[~square] != crop.outlier.to_numpy()[~square]).all()  # 40 x 30 noise: not
+
+    # parts written before `resize` was recorded were cropped: they resume a crop run, not a stretch run
+    parts = tmp_path / "old.parquet.parts"
+    parts.mkdir()
+    settings = {k: 1 for k in GUARDED}
+    (parts / "settings.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "resize"}))
+    _check_settings(parts, {**settings, "resize": "crop"})
+    with pytest.raises(AttnprobeError, match=r"\(resize differ.*--resize"):
+        _check_settings(parts, {**settings, "resize": "stretch"})
+    with pytest.raises(AttnprobeError, match=r"'crop', 'stretch'"):
+        score(teacher_ckpt, wild, tmp_path / "bad.parquet", resize="squash", **kw)
+    with pytest.raises(AttnprobeError, match=r"'crop', 'stretch'"):
+        score_pool(model, info, wild, resize="squash")

@@ -161,18 +161,34 @@ def _normalize(info):
     return [transforms.ToTensor(), transforms.Normalize(info["mean"], info["std"])]
 
 
-def eval_transform(info: dict):
-    """Resize the shorter side to the model's input size, centre crop, normalise with the teacher's stats."""
-    size = _size(info)
-    return transforms.Compose([transforms.Resize(size), transforms.CenterCrop(size), *_normalize(info)])
+RESIZE_MODES = ("crop", "stretch")
 
 
-def train_transform(info: dict, flip: bool = True, affine: bool = False):
-    """Eval geometry, then a random crop with 4-pixel padding (CIFAR style) or, with `affine`, a small
-    affine jitter instead (digits: the padded crop shifts a 28-pixel digit too far and slows learning),
-    then a horizontal flip unless `flip` is off (digits, text)."""
+def _geometry(size, resize: str) -> list:
+    """The steps that bring any image to the model's input size.
+
+    `crop`: resize the shorter side to the input size, then centre crop (the aspect ratio is kept, the
+    ends of the longer side are lost). `stretch`: resize the whole image to the input size (the whole
+    picture is kept, its aspect ratio is not), as the reference code does with every wild image."""
+    if resize == "crop":
+        return [transforms.Resize(size), transforms.CenterCrop(size)]
+    if resize == "stretch":
+        return [transforms.Resize((size, size) if isinstance(size, int) else size)]
+    raise AttnprobeError(f"--resize {resize!r} is not one of {RESIZE_MODES}")
+
+
+def eval_transform(info: dict, *, resize: str = "crop"):
+    """Bring the image to the model's input size (`resize`: `crop` = shorter side then centre crop,
+    `stretch` = the whole image to the square input), normalise with the teacher's stats."""
+    return transforms.Compose([*_geometry(_size(info), resize), *_normalize(info)])
+
+
+def train_transform(info: dict, flip: bool = True, affine: bool = False, *, resize: str = "crop"):
+    """Eval geometry (`resize` as in eval_transform), then a random crop with 4-pixel padding (CIFAR
+    style) or, with `affine`, a small affine jitter instead (digits: the padded crop shifts a 28-pixel
+    digit too far and slows learning), then a horizontal flip unless `flip` is off (digits, text)."""
     size = _size(info)
-    steps = [transforms.Resize(size), transforms.CenterCrop(size)]
+    steps = _geometry(size, resize)
     if affine:
         steps.append(transforms.RandomAffine(degrees=10, translate=(0.08, 0.08), scale=(0.9, 1.1)))
     else:

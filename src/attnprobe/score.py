@@ -9,8 +9,8 @@ The pass is built for large, dirty pools:
 - Resumable: the sorted pool is cut into fixed chunks (`chunk_size` images). Each finished chunk is
   written atomically as `<out>.parts/<chunk>.parquet` (with its skipped list in the file's metadata);
   a restart with the same command skips finished chunks. `settings.json` in the parts folder ties
-  the parts to one teacher, pool, block list and head reduction. At the end the parts are merged in
-  order into the table (temporary file, then rename) and the parts folder is removed.
+  the parts to one teacher, pool, block list, head reduction and resize mode. At the end the parts
+  are merged in order into the table (temporary file, then rename) and the parts folder is removed.
 - Shardable: under torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment) unfinished chunks are
   dealt round-robin to the ranks; rank 0 merges. Chunks, and hence batches, do not depend on the
   number of processes, so the table does not either.
@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import ImageList, PathList, collate_skipping, eval_transform, make_loader
+from .data import RESIZE_MODES, ImageList, PathList, collate_skipping, eval_transform, make_loader
 from .errors import AttnprobeError
 from .models import geometry, load_checkpoint
 from .probe import HEAD_REDUCTIONS, BlockTaps, check_blocks, default_probe_blocks
@@ -45,7 +45,8 @@ MAX_STORED_CLASSES = 256  # keep per-image softmax up to this many classes (1.28
 META_KEY = b"attnprobe"  # the table's metadata key (as select.write_table)
 PART_KEY = b"attnprobe_part"
 SETTINGS = "settings.json"
-GUARDED = ("teacher_sha256", "wild", "pool_size", "pool_sha256", "blocks", "heads", "chunk_size", "amp")
+GUARDED = ("teacher_sha256", "wild", "pool_size", "pool_sha256", "blocks", "heads", "chunk_size", "amp", "resize")
+GUARDED_DEFAULTS = {"resize": "crop"}  # what a settings.json written before the key existed ran with
 MERGE_ROWS = 65536  # rows per row group of the merged table
 
 
@@ -152,13 +153,15 @@ class ScoringForward:
 
 def score_chunks(model, info: dict, root, paths, chunks: list[int], chunk_size: int, blocks: list[int],
                  heads: str = "first", batch_size: int = 256, workers: int = 2, device="cpu", amp: bool = False,
-                 channels_last: bool = False, compile: bool = False, progress: bool = True, on_chunk=None):
+                 channels_last: bool = False, compile: bool = False, progress: bool = True, on_chunk=None, *,
+                 resize: str = "crop"):
     """Score the images of `chunks` (indices into the sorted pool `paths`), in order. After each chunk,
     `on_chunk(index, table, skipped)` receives its arrow table (rows in pool order, unreadable files
     left out) and its skipped list [(path, reason), ...].
 
     One teacher forward per image: the logits and, through hooks on the probed blocks' qkv
-    projections, the CLS attention row of those blocks (probe.probe_scores' math)."""
+    projections, the CLS attention row of those blocks (probe.probe_scores' math). `resize`: how each
+    image is brought to the teacher's input (data.eval_transform: `crop` or the reference's `stretch`)."""
     device = torch.device(device)
     keep_probs = info["num_classes"] <= MAX_STORED_CLASSES
     schema = table_schema(blocks, keep_probs)
@@ -166,8 +169,8 @@ def score_chunks(model, info: dict, root, paths, chunks: list[int], chunk_size: 
     if not sampler.chunks:
         return
     size = info["img_size"] if isinstance(info["img_size"], int) else max(info["img_size"])
-    ds = ImageList(paths, root=os.fspath(root), transform=eval_transform(info), in_chans=info["in_chans"],
-                   size_hint=size, skip_bad=True)
+    ds = ImageList(paths, root=os.fspath(root), transform=eval_transform(info, resize=resize),
+                   in_chans=info["in_chans"], size_hint=size, skip_bad=True)
     loader = make_loader(ds, 1, False, workers, batch_sampler=sampler, collate_fn=collate_skipping,
                          pin_memory=device.type == "cuda")
     model = model.to(device).eval()
@@ -205,23 +208,25 @@ def score_chunks(model, info: dict, root, paths, chunks: list[int], chunk_size: 
     bar.close()
 
 
-def _setup(teacher_model, info: dict, blocks, heads: str, chunk_size: int):
+def _setup(teacher_model, info: dict, blocks, heads: str, chunk_size: int, resize: str = "crop"):
     depth = geometry(teacher_model)["depth"]
     blocks = check_blocks(blocks if blocks else default_probe_blocks(depth), depth)
     if heads not in HEAD_REDUCTIONS:
         raise AttnprobeError(f"--heads {heads!r} is not one of {HEAD_REDUCTIONS}")
     if chunk_size < 1:
         raise AttnprobeError(f"--chunk-size {chunk_size} must be at least 1")
+    if resize not in RESIZE_MODES:
+        raise AttnprobeError(f"--resize {resize!r} is not one of {RESIZE_MODES}")
     return blocks
 
 
 def score_pool(teacher, info: dict, wild_dir, blocks: list[int] | None = None, heads: str = "first",
                batch_size: int = 256, workers: int = 4, device="cpu", amp: bool = False, progress: bool = True,
                chunk_size: int = CHUNK_SIZE, channels_last: bool = False,
-               compile: bool = False) -> tuple[pd.DataFrame, dict]:
+               compile: bool = False, *, resize: str = "crop") -> tuple[pd.DataFrame, dict]:
     """In memory, one process: (score table, metadata). Unreadable files are left out of the table and
     listed in meta['skipped_files'] as [path, reason]; `score` is the resumable, sharded version."""
-    blocks = _setup(teacher, info, blocks, heads, chunk_size)
+    blocks = _setup(teacher, info, blocks, heads, chunk_size, resize)
     paths = PathList.from_dir(wild_dir)
     tables, skipped = [], []
 
@@ -230,10 +235,10 @@ def score_pool(teacher, info: dict, wild_dir, blocks: list[int] | None = None, h
         skipped.extend([p, r] for p, r in chunk_skipped)
     n_chunks = math.ceil(len(paths) / chunk_size)
     score_chunks(teacher, info, wild_dir, paths, list(range(n_chunks)), chunk_size, blocks, heads, batch_size,
-                 workers, device, amp, channels_last, compile, progress, keep)
+                 workers, device, amp, channels_last, compile, progress, keep, resize=resize)
     df = pa.concat_tables(tables).to_pandas()
     meta = {"num_classes": info["num_classes"], "classes": info["classes"], "blocks": blocks, "heads": heads,
-            "wild": os.path.abspath(wild_dir), "scored": len(df), "skipped": len(skipped),
+            "resize": resize, "wild": os.path.abspath(wild_dir), "scored": len(df), "skipped": len(skipped),
             "skipped_files": skipped}
     return df, meta
 
@@ -283,11 +288,12 @@ def _check_settings(parts: Path, settings: dict) -> None:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         old = {}
-    diff = [k for k in GUARDED if old.get(k) != settings[k]]
+    diff = [k for k in GUARDED if old.get(k, GUARDED_DEFAULTS.get(k)) != settings[k]]
     if diff:
         raise AttnprobeError(f"{parts} holds parts of an unfinished score run with other settings ({', '.join(diff)} "
                              "differ: other teacher, pool or flags); rerun with that run's teacher, --wild, "
-                             f"--blocks, --heads, --chunk-size and --amp to finish it, or delete {parts} to start over")
+                             "--blocks, --heads, --chunk-size, --amp and --resize to finish it, "
+                             f"or delete {parts} to start over")
 
 
 def _atomic_text(path: Path, write) -> None:
@@ -349,8 +355,10 @@ def merge_parts(parts: Path, n_chunks: int, out, meta: dict, schema: pa.Schema) 
 
 def score(teacher, wild, out, blocks=None, heads: str = "first", batch_size: int = 256, workers: int = 2,
           device=None, amp: bool = False, progress: bool = True, chunk_size: int = CHUNK_SIZE,
-          channels_last: bool = False, compile: bool = False) -> dict:
+          channels_last: bool = False, compile: bool = False, *, resize: str = "crop") -> dict:
     """Score every image under `wild`; write the table to `out` and the skipped files beside it.
+    `resize`: `crop` (shorter side, centre crop) or `stretch` (whole image to the square input, as the
+    reference); recorded in the table's metadata.
 
     Resumes from `<out>.parts` when an earlier run with the same settings stopped; under torchrun,
     each process scores its share of the chunks and rank 0 writes the table. Returns the table's
@@ -359,16 +367,17 @@ def score(teacher, wild, out, blocks=None, heads: str = "first", batch_size: int
     device = distributed.init_distributed(device, timeout=timedelta(hours=3))  # rank 0 merges while others wait
     rank, world = distributed.rank(), distributed.world_size()
     model, info = load_checkpoint(teacher, "cpu")
-    blocks = _setup(model, info, blocks, heads, chunk_size)
+    blocks = _setup(model, info, blocks, heads, chunk_size, resize)
     paths = PathList.from_dir(wild)
     n_chunks = math.ceil(len(paths) / chunk_size)
     out = Path(out)
     parts = parts_dir(out)
     settings = {"format": 1, "teacher": os.path.abspath(teacher), "teacher_sha256": _file_sha256(teacher),
                 "wild": os.path.abspath(wild), "pool_size": len(paths), "pool_sha256": paths.digest(),
-                "blocks": blocks, "heads": heads, "chunk_size": chunk_size, "amp": bool(amp)}
+                "blocks": blocks, "heads": heads, "chunk_size": chunk_size, "amp": bool(amp),
+                "resize": resize}
     meta = {"num_classes": info["num_classes"], "classes": info["classes"], "blocks": blocks, "heads": heads,
-            "wild": os.path.abspath(wild), "teacher": os.path.abspath(teacher)}
+            "resize": resize, "wild": os.path.abspath(wild), "teacher": os.path.abspath(teacher)}
 
     try:
         views = distributed.all_gather_object({k: settings[k] for k in GUARDED})
@@ -387,7 +396,7 @@ def score(teacher, wild, out, blocks=None, heads: str = "first", batch_size: int
         todo = [c for c in range(n_chunks) if c not in done]
         score_chunks(model, info, wild, paths, todo[rank::world], chunk_size, blocks, heads, batch_size, workers,
                      device, amp, channels_last, compile, progress and rank == 0,
-                     on_chunk=lambda c, table, skipped: _write_part(parts, c, table, skipped))
+                     on_chunk=lambda c, table, skipped: _write_part(parts, c, table, skipped), resize=resize)
         distributed.barrier()
         if rank == 0:
             meta = merge_parts(parts, n_chunks, out, meta, table_schema(blocks, info["num_classes"] <= MAX_STORED_CLASSES))

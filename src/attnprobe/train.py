@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Subset
 
-from .data import (ImageList, eval_transform, labeled_folder, make_loader, per_class_subset, split_dir,
-                   train_transform)
+from .data import (RESIZE_MODES, ImageList, eval_transform, labeled_folder, make_loader, per_class_subset,
+                   split_dir, train_transform)
 from .distributed import all_gather_object, barrier, init_distributed, is_main, rank, world_size
 from .engine import DistillModel, distill_one_epoch, evaluate, train_one_epoch
 from .errors import AttnprobeError
@@ -40,7 +40,11 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_schedule(optimizer, schedule: str, epochs: int, warmup_epochs: int = 0, milestones=(200, 300)):
-    """Per-epoch LR factor: linear warmup, then cosine to zero, or the reference's x0.1 steps."""
+    """Per-epoch LR factor (LambdaLR, stepped once per epoch; `epoch` below is the 0-based index of the
+    epoch being trained, as in metrics.jsonl): linear warmup, then cosine to zero, or `step`: x0.1 from
+    the epoch numbered `m` counted from 1, for each m in `milestones`. That is the reference's schedule
+    (its epochs run 1, 2, ... and it multiplies by 0.1 when epoch >= 200 and >= 300): 0-based epochs
+    0..198 train at 1x, 199..298 at 0.1x, 299.. at 0.01x."""
     if schedule not in SCHEDULES:
         raise AttnprobeError(f"--schedule {schedule!r} is not one of {SCHEDULES}")
 
@@ -48,7 +52,7 @@ def lr_schedule(optimizer, schedule: str, epochs: int, warmup_epochs: int = 0, m
         if epoch < warmup_epochs:
             return (epoch + 1) / (warmup_epochs + 1)
         if schedule == "step":
-            return 0.1 ** sum(epoch >= m for m in milestones)
+            return 0.1 ** sum(epoch + 1 >= m for m in milestones)  # epoch + 1: the reference's 1-based count
         t = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1)
         return 0.5 * (1 + math.cos(math.pi * t))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -283,7 +287,9 @@ def _student(student: str, model_kwargs: dict | None, t_info: dict, teacher, pro
     if (s_geo["img_size"], s_geo["in_chans"]) != (t_geo["img_size"], t_geo["in_chans"]):
         raise AttnprobeError(f"student input {s_geo['img_size']}px x{s_geo['in_chans']} differs from the teacher's "
                              f"{t_geo['img_size']}px x{t_geo['in_chans']}; drop the img_size/in_chans overrides")
-    if probe_on and (s_geo["grid_size"], s_geo["num_prefix_tokens"]) != (t_geo["grid_size"], t_geo["num_prefix_tokens"]):
+    # Each model's CLS token is compared with its own patch tokens, so the prefix tokens may differ (a
+    # distilled DeiT teacher has two); the patch grids must match token for token.
+    if probe_on and s_geo["grid_size"] != t_geo["grid_size"]:
         raise AttnprobeError(f"student token grid {s_geo['grid_size']} differs from the teacher's {t_geo['grid_size']}; "
                              "use the teacher's patch_size or turn the probe loss off with --probe-weight 0")
     return net, arch, kwargs
@@ -322,12 +328,19 @@ def distill(teacher, wild, selection, test, student: str = "ap_digits_student", 
             probe_variant: str = "cosine", noise_adaptation: bool = True, noise_weight: float = 1.0,
             noise_lr: float = 1e-3, robust: bool = False, teacher_acc: float | None = None,
             labeled=None, per_class: int = 0, flip: bool = True, workers: int = 2, device: str | None = None,
-            seed: int = 0, resume=None, progress: bool = True, cache_images: bool = False) -> dict:
+            seed: int = 0, resume=None, progress: bool = True, cache_images: bool = False, *,
+            resize: str = "crop") -> dict:
     """Train a student from scratch on the selected wild images with the teacher as the only supervision.
+
+    `resize`: how a wild image is brought to the teacher's input before the augmentation: `crop`
+    (shorter side, centre crop) or `stretch` (the whole image to the square input, as the reference).
+    The labeled images (the mixed-in `per_class` ones and the test set) are always cropped.
 
     Under torchrun each process distills on its shard of the selection with `batch_size` images per step;
     the student and the noise-adaptation matrix are trained as one DistributedDataParallel module, the
     teacher runs unwrapped on each process, and rank 0 alone writes RUN/."""
+    if resize not in RESIZE_MODES:
+        raise AttnprobeError(f"--resize {resize!r} is not one of {RESIZE_MODES}")
     device = init_distributed(device)
     progress = progress and is_main()
     seed_everything(seed)
@@ -342,12 +355,15 @@ def distill(teacher, wild, selection, test, student: str = "ap_digits_student", 
 
     paths, summary = selected_paths(selection, wild)
     paths = [os.path.join(wild, p) for p in paths]
+    train_ds = ImageList(paths, transform=train_transform(t_info, flip, resize=resize), in_chans=t_info["in_chans"],
+                         cache=cache_images)
     if labeled and per_class > 0:
         labeled_ds = labeled_folder(_class_dir(labeled, t_info["classes"], "train"), t_info["classes"], None,
                                     t_info["in_chans"])
-        paths += per_class_subset(labeled_ds, per_class, seed)  # used like wild images: teacher-supervised
-    train_ds = ImageList(paths, transform=train_transform(t_info, flip), in_chans=t_info["in_chans"],
-                         cache=cache_images)
+        # used like wild images (teacher-supervised, same augmentation), but always cropped, not stretched
+        mixed = ImageList(per_class_subset(labeled_ds, per_class, seed), transform=train_transform(t_info, flip),
+                          in_chans=t_info["in_chans"], cache=cache_images)
+        train_ds = ConcatDataset([train_ds, mixed])
     # Test images of another size or colour mode are resized and converted to the teacher's geometry.
     test_ds = labeled_folder(_class_dir(test, t_info["classes"], "val"), t_info["classes"], eval_transform(t_info),
                              t_info["in_chans"], cache_images)
@@ -367,7 +383,7 @@ def distill(teacher, wild, selection, test, student: str = "ap_digits_student", 
     scheduler = lr_schedule(optimizer, schedule, epochs, warmup_epochs)
     info = describe(net, arch, kwargs, t_info["classes"], t_info["mean"], t_info["std"], role="student",
                     teacher=os.path.abspath(teacher), selection=os.path.abspath(selection),
-                    teacher_accuracy=t_info.get("accuracy"))
+                    teacher_accuracy=t_info.get("accuracy"), resize=resize)
     run = RunDir(out, resume=bool(resume))
     objects = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
     if noise:
@@ -394,6 +410,13 @@ def evaluate_checkpoint(model, data, batch_size: int = 256, workers: int = 2, de
     Under torchrun the folder is sharded over the processes and the counts summed."""
     device = init_distributed(device)
     net, info = load_checkpoint(model, device)
+    return evaluate_model(net, info, data, batch_size=batch_size, workers=workers, device=device, progress=progress)
+
+
+def evaluate_model(net, info: dict, data, *, batch_size: int = 256, workers: int = 2, device=None,
+                   progress: bool = True) -> dict:
+    """Top-1/top-5 of a model described by `info` on a labeled folder of its classes (see evaluate_checkpoint)."""
+    device = device or pick_device()
     ds = labeled_folder(_class_dir(data, info["classes"], "val"), info["classes"], eval_transform(info),
                         info["in_chans"])
-    return evaluate(net, _eval_loader(ds, batch_size, workers), device, progress and is_main())
+    return evaluate(net.to(device), _eval_loader(ds, batch_size, workers), device, progress and is_main())
