@@ -6,11 +6,13 @@ import os
 from pathlib import Path
 
 from .errors import AttnprobeError
+from .exporter import export
+from .imports import import_teacher
 from .models import atomic_write_text
 from .select import read_table, select_images, write_table
 from .train import distill, evaluate_checkpoint as evaluate, train_teacher
 
-__all__ = ["prepare", "train_teacher", "score", "select", "distill", "evaluate"]
+__all__ = ["prepare", "train_teacher", "score", "select", "distill", "evaluate", "import_teacher", "export"]
 
 
 def prepare(kind: str, src, out, progress: bool = True) -> dict:
@@ -21,16 +23,18 @@ def prepare(kind: str, src, out, progress: bool = True) -> dict:
 
 def score(teacher, wild, out, blocks=None, heads: str = "first", batch_size: int = 256, workers: int = 2,
           device=None, amp: bool = False, progress: bool = True, chunk_size: int = 2048,
-          channels_last: bool = False, compile: bool = False) -> dict:
+          channels_last: bool = False, compile: bool = False, *, resize: str = "crop") -> dict:
     """Score every image under `wild` with the teacher; write the table to `out` (parquet) and the files
     that could not be read to `<out stem>.skipped.csv` (path, reason).
 
     Resumable: a stopped run leaves finished chunks of `chunk_size` images in `<out>.parts/`, and the
-    same call continues from them. Under torchrun the chunks are shared among the processes. Returns
+    same call continues from them. Under torchrun the chunks are shared among the processes. `resize`:
+    `crop` (shorter side, centre crop) or `stretch` (the whole image to the square input, as the reference).
+    Returns
     the table's metadata plus `scored`, `skipped`, `rows` (= scored) and `skipped_csv`."""
     from .score import score as _score
     return _score(teacher, wild, out, blocks, heads, batch_size, workers, device, amp, progress, chunk_size,
-                  channels_last, compile)
+                  channels_last, compile, resize=resize)
 
 
 def select(scores, num_select: int, strategy: str = "attnprobe", w_attn: float = 0.05, w_out: float = 0.9,

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher forward (GPU)")
     p.add_argument("--chunk-size", type=int, default=2048,
                    help="images per resumable part (<out>.parts/); a rerun continues from finished parts")
+    p.add_argument("--resize", choices=("crop", "stretch"), default="crop",
+                   help="wild images to the teacher's input: crop = shorter side, centre crop; "
+                        "stretch = whole image to the square input (the reference)")
     _common(p, 256)
 
     p = sub.add_parser("select", formatter_class=D, help="pick the K best-scoring wild images")
@@ -107,7 +110,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-acc", type=float, default=None, help="alpha of noise adaptation (default: measured)")
     p.add_argument("--labeled", default=None, help="original training set to mix in (folder of class folders)")
     p.add_argument("--per-class", type=int, default=0, help="labeled images per class to mix in")
+    p.add_argument("--resize", choices=("crop", "stretch"), default="crop",
+                   help="wild images to the teacher's input: crop = shorter side, centre crop; "
+                        "stretch = whole image to the square input (the reference)")
     _common(p, 256, _TRAIN_BATCH_HELP)
+
+    p = sub.add_parser("import-teacher", formatter_class=D,
+                       help="a teacher from DeiT, timm, transformers or a state dict -> attnprobe checkpoint")
+    p.add_argument("source", help="checkpoint file (.pth/.pth.tar/.bin/.safetensors), timm or transformers model "
+                                  "folder, or hf-hub:ORG/NAME from the local Hugging Face cache")
+    p.add_argument("--out", required=True, help="the attnprobe checkpoint to write, e.g. teacher.pt")
+    p.add_argument("--model", default=None, help="preset or timm name, where the source does not say it "
+                                                 "(DeiT/reference checkpoints, bare state dicts, .safetensors)")
+    p.add_argument("--model-kwargs", nargs="*", default=None, metavar="K=V",
+                   help="constructor overrides the teacher was built with, e.g. img_size=32 patch_size=4")
+    p.add_argument("--classes", default=None, metavar="FILE|cifar10|cifar100|imagenet",
+                   help="class names where the source has none: a file (one per line, in index order) or a known set")
+    p.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean where the source has none "
+                                                                       "(default: timm's for the architecture)")
+    p.add_argument("--std", type=float, nargs="+", default=None)
+    acc = p.add_mutually_exclusive_group()
+    acc.add_argument("--val", default=None, help="labeled folder of the teacher's classes: measure its accuracy "
+                                                 "(noise adaptation's alpha) as `attnprobe evaluate` does")
+    acc.add_argument("--accuracy", type=float, default=None, help="the teacher's accuracy as a fraction, e.g. 0.9665")
+    p.add_argument("--ema", action="store_true", help="take the EMA weights (model_ema / state_dict_ema)")
+    _common(p, 256)
+
+    p = sub.add_parser("export", formatter_class=D, help="a checkpoint -> timm or transformers folder, or ONNX")
+    p.add_argument("checkpoint", help="an attnprobe checkpoint, e.g. RUN/best.pt")
+    p.add_argument("--format", required=True, choices=("timm", "transformers", "onnx"))
+    p.add_argument("--out", required=True, help="a new folder (timm, transformers) or .onnx file")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip loading the export back and comparing its logits")
 
     p = sub.add_parser("evaluate", formatter_class=D, help="top-1/top-5 of a checkpoint on a labeled folder")
     p.add_argument("--model", required=True)
@@ -145,7 +179,8 @@ def run(args) -> None:
             print(f"teacher: best val top-1 {info['accuracy']:.4f}, {info['params']:,} parameters -> {args.out}/best.pt")
     elif cmd == "score":
         summary = api.score(args.teacher, args.wild, args.out, args.blocks, args.heads, args.batch_size, args.workers,
-                            args.device, args.amp, args.progress, args.chunk_size, args.channels_last, args.compile)
+                            args.device, args.amp, args.progress, args.chunk_size, args.channels_last, args.compile,
+                            resize=args.resize)
         if summary["rank"] == 0:
             print(f"scored {summary['scored']} images, skipped {summary['skipped']} unreadable "
                   f"(listed in {summary['skipped_csv']}) -> {args.out}")
@@ -161,9 +196,23 @@ def run(args) -> None:
                                args.probe_variant, args.noise_adaptation, args.noise_weight, robust=args.robust,
                                teacher_acc=args.teacher_acc, labeled=args.labeled, per_class=args.per_class,
                                flip=args.flip, workers=args.workers, device=args.device, seed=args.seed,
-                               resume=args.resume, progress=args.progress, cache_images=args.cache_images)
+                               resume=args.resume, progress=args.progress, cache_images=args.cache_images,
+                               resize=args.resize)
         if _rank0():
             print(f"student: best test top-1 {info['accuracy']:.4f}, {info['params']:,} parameters -> {args.out}/best.pt")
+    elif cmd == "import-teacher":
+        info = api.import_teacher(args.source, out=args.out, model=args.model, model_kwargs=_kwargs(args),
+                                  classes=args.classes, mean=args.mean, std=args.std, val=args.val,
+                                  accuracy=args.accuracy, ema=args.ema, batch_size=args.batch_size,
+                                  workers=args.workers, device=args.device, progress=args.progress)
+        acc = "no accuracy (pass --teacher-acc to distill)" if info["accuracy"] is None else \
+            f"accuracy {info['accuracy']:.4f} ({info['accuracy_source']})"
+        print(f"teacher: {info['source_kind']} -> {info['arch']}, {info['params']:,} parameters, "
+              f"{info['num_classes']} classes, {acc} -> {args.out}")
+    elif cmd == "export":
+        result = api.export(args.checkpoint, format=args.format, out=args.out, check=args.check)
+        diff = "" if result["max_abs_diff"] is None else f", max |logit difference| {result['max_abs_diff']:.2e}"
+        print(f"exported {args.format}{diff} -> {args.out}")
     elif cmd == "demo":
         from .demo import run_demo
         run_demo(args.out, args.quick, args.cache, args.workers, args.seed)

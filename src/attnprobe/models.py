@@ -60,13 +60,20 @@ def resolve_model(name: str, overrides: dict | None = None) -> tuple[str, dict]:
     return arch, {**kwargs, **(overrides or {})}
 
 
-def build_model(arch: str, model_kwargs: dict, num_classes: int) -> nn.Module:
-    """A timm model from its architecture and constructor kwargs, checked to be a CLS-token ViT."""
+def build_model(arch: str, model_kwargs: dict, num_classes: int, *, layer_norm_eps: float | None = None) -> nn.Module:
+    """A timm model from its architecture and constructor kwargs, checked to be a CLS-token ViT.
+
+    `layer_norm_eps` overrides every LayerNorm's eps: teachers imported from transformers use 1e-12 where
+    timm uses 1e-6, and timm's constructor has no plain-value argument for it."""
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_kwargs)
     except TypeError as e:
         raise AttnprobeError(f"model {arch!r} does not take these --model-kwargs ({e}); fix the key names") from e
     check_vit(model, arch)
+    if layer_norm_eps is not None:
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = float(layer_norm_eps)
     return model
 
 
@@ -186,6 +193,7 @@ def load_checkpoint(path, device: str | torch.device = "cpu") -> tuple[nn.Module
     """(timm model in eval mode, info dict) from a checkpoint written by attnprobe."""
     ckpt = read_checkpoint(path)
     info = ckpt["info"]
-    model = build_model(info["arch"], info["model_kwargs"], info["num_classes"])
+    model = build_model(info["arch"], info["model_kwargs"], info["num_classes"],
+                        layer_norm_eps=info.get("layer_norm_eps"))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), info
