@@ -201,3 +201,15 @@ def test_val_of_other_classes_is_refused(teacher_ckpt, tmp_path, capsys):
                  "--val", str(tmp_path / "val"), "--no-progress", "--workers", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "are not the model's" in err and not (tmp_path / "t.pt").exists(), err
+
+
+def test_reference_checkpoint_names_its_model_by_the_reference_alias(tmp_path):
+    """The reference's CIFAR teacher (`deit_base_patch4_32_teacher`, saved by DeiT's main.py) needs no --model."""
+    from attnprobe.models import build_model, resolve_model
+    net = randomised(build_model(*resolve_model("ap_teacher_32"), num_classes=10))
+    args = argparse.Namespace(model="deit_base_patch4_32_teacher", input_size=32, nb_classes=10)
+    torch.save({"model": net.state_dict(), "args": args, "epoch": 299}, tmp_path / "checkpoint.pth")
+    info = import_teacher(tmp_path / "checkpoint.pth", out=tmp_path / "t.pt", classes="cifar10",
+                          mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], accuracy=0.9665)
+    assert logits_diff(tmp_path / "t.pt", net, size=32) < 1e-5
+    assert info["params"] == sum(p.numel() for p in net.parameters()) and info["classes"][0] == "airplane"

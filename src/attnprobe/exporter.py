@@ -179,6 +179,8 @@ def _check_timm(model, info, path: Path) -> float:
 
 def _check_transformers(model, info, path: Path) -> float:
     from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # one line of result, not a loading bar, from `attnprobe export`
     loaded = AutoModelForImageClassification.from_pretrained(path).eval()
     return _logits_diff(model, info, lambda x: loaded(pixel_values=x).logits)
 

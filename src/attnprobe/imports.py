@@ -68,7 +68,8 @@ def import_teacher(source, *, out, model: str | None = None, model_kwargs: dict 
         raise AttnprobeError(f"mean {mean} / std {std} do not fit a {in_chans}-channel input with std > 0; "
                              f"give {in_chans} values each to --mean and --std")
     info = describe(net, arch, kwargs, names, mean, std, accuracy=accuracy, role="teacher",
-                    source=str(source), source_kind=src.kind, weights="ema" if ema else "model",
+                    source=str(source) if str(source).startswith("hf-hub:") else os.path.abspath(source),
+                    source_kind=src.kind, weights="ema" if ema else "model",
                     layer_norm_eps=src.layer_norm_eps, accuracy_source="given" if accuracy is not None else None)
     if val is not None:
         from .train import evaluate_model

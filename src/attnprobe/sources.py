@@ -26,8 +26,14 @@ import torch
 from .convert import transformers_to_timm
 from .errors import AttnprobeError
 
-# The reference code's names for its models, as the presets that match them.
-REFERENCE_ALIASES = {"deit_base_patch4_32_teacher": "ap_teacher_32"}
+# The reference code's names for its CIFAR (32 px) and MNIST (28 px, one channel) models, as timm
+# architectures with the same weights: its TeacherVisionTransformer is timm's ViT with its keys.
+_REF_SIZES = {"tiny": dict(embed_dim=128, depth=12, num_heads=2), "small": dict(embed_dim=192, depth=12, num_heads=2),
+              "base": dict(embed_dim=384, depth=12, num_heads=3)}
+REFERENCE_ALIASES = {
+    f"deit_{size}_patch4_{px}_teacher": ("vit_small_patch16_224", {"img_size": px, "patch_size": 4,
+                                                                   "in_chans": 3 if px == 32 else 1, **dims})
+    for size, dims in _REF_SIZES.items() for px in (32, 28)}
 _PREFIXES = ("module.", "_orig_mod.", "model.")  # DataParallel/DDP, torch.compile, Lightning-style wrappers
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 
@@ -142,8 +148,9 @@ def _from_torch_dict(ckpt: dict, path, ema: bool) -> Source:
                       model_kwargs=kwargs, mean=_floats(args.get("mean")), std=_floats(args.get("std")))
     if "model" in ckpt and isinstance(ckpt["model"], dict):  # DeiT / the reference
         args = vars(ckpt.get("args") or argparse.Namespace())
-        arch = REFERENCE_ALIASES.get(args.get("model"), args.get("model"))
-        kwargs = {"img_size": args["input_size"]} if isinstance(args.get("input_size"), int) else {}
+        arch, kwargs = REFERENCE_ALIASES.get(args.get("model"), (args.get("model"), {}))
+        if isinstance(args.get("input_size"), int):
+            kwargs = {**kwargs, "img_size": args["input_size"]}
         return Source(state=_pick_weights(ckpt, "model", "model_ema", ema, path), kind="DeiT-style checkpoint",
                       arch=arch, model_kwargs=kwargs)
     for key in ("state_dict", "model_state_dict", "model_state"):  # generic wrappers
