@@ -61,8 +61,14 @@ def read_source(source, *, ema: bool = False) -> Source:
     if not path.exists():
         raise AttnprobeError(f"teacher source {path} does not exist; pass a checkpoint file, a model folder "
                              "or hf-hub:ORG/NAME")
-    head = path.open("rb").read(16)
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise AttnprobeError(f"cannot read {path} ({e.strerror}); check its permissions") from None
     if _is_safetensors(head):
+        if ema:
+            raise AttnprobeError(f"{path} holds one set of weights; drop --ema")
         return Source(state=_strip_prefixes(_load_safetensors(path)), kind="safetensors state dict")
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch's zip format, or a legacy pickle
         return _from_torch_dict(load_torch(path), path, ema)
