@@ -52,6 +52,6 @@ def teacher_ckpt(image_root, tmp_path_factory):
     from attnprobe import train_teacher
     out = tmp_path_factory.mktemp("teacher")
     arch, kwargs = TINY_TEACHER
-    train_teacher(image_root / "data", arch, kwargs, epochs=4, out=out, batch_size=16, lr=2e-3, workers=0,
-                  progress=False)
+    train_teacher(image_root / "data", out=out, model=arch, model_kwargs=kwargs, epochs=4, batch_size=16, lr=2e-3,
+                  workers=0, progress=False)
     return out / "best.pt"

@@ -49,7 +49,8 @@ def test_train_teacher_outputs(pipeline):
     model, info = load_checkpoint(pipeline / "teacher/best.pt")
     assert info["classes"] == CLASSES and info["num_classes"] == 3 and info["img_size"] == 16
     assert info["in_chans"] == 3 and len(info["mean"]) == 3 and info["arch"] == "vit_tiny_patch16_224"
-    assert info["accuracy"] == max(r["val_top1"] for r in rows)
+    assert info["accuracy"] == info["val_top1"] == max(r["val_top1"] for r in rows)
+    assert info["test_top1"] is None and info["selected_on"] == "val" and info["val_split"] is None
 
 
 def test_score_table(pipeline, image_root):
@@ -81,8 +82,15 @@ def test_selection_outputs(pipeline):
 def test_distill_outputs(pipeline):
     rows = read_jsonl(pipeline / "student/metrics.jsonl")
     assert len(rows) == 2
-    assert {"epoch", "test_top1", "test_top5", "lr", "seconds", "kd", "noise", "probe"} <= set(rows[0])
+    assert {"epoch", "fidelity", "fidelity_n", "test_top1", "test_top5", "lr", "seconds", "kd", "noise",
+            "probe"} <= set(rows[0])
+    assert all(r["fidelity_n"] == 2 for r in rows)  # 10% of the 20 selected; the --per-class images are not held out
     model, info = load_checkpoint(pipeline / "student/best.pt")
+    # chosen on fidelity, the test set only reported
+    assert info["selected_on"] == "fidelity" and info["holdout"] == 2
+    assert info["best_epoch"] == max(range(2), key=lambda e: (rows[e]["fidelity"], -e))
+    assert (info["fidelity"], info["accuracy"]) == (rows[info["best_epoch"]]["fidelity"],
+                                                    rows[info["best_epoch"]]["test_top1"])
     assert info["classes"] == CLASSES and info["img_size"] == 16  # geometry taken from the teacher
     teacher_info = load_checkpoint(pipeline / "teacher/best.pt")[1]
     assert info["mean"] == teacher_info["mean"] and info["std"] == teacher_info["std"]

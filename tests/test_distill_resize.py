@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
-from attnprobe import train as train_mod
+from attnprobe import distillation as train_mod
 from attnprobe.errors import AttnprobeError
 from attnprobe.models import read_checkpoint
 from attnprobe.select import write_table
@@ -24,12 +24,12 @@ def test_distill_stretches_wild_images_only(image_root, teacher_ckpt, tmp_path, 
         return real(info, flip, affine, resize=resize)
     monkeypatch.setattr(train_mod, "train_transform", spy)
     arch, kwargs = TINY_STUDENT
-    info = train_mod.distill(teacher_ckpt, wild, tmp_path / "sel.parquet", image_root / "data", arch, kwargs,
-                             epochs=1, out=tmp_path / "run", batch_size=16, workers=0, progress=False,
+    info = train_mod.distill(teacher_ckpt, wild, tmp_path / "sel.parquet", test=image_root / "data", student=arch,
+                             model_kwargs=kwargs, epochs=1, out=tmp_path / "run", batch_size=16, workers=0, progress=False,
                              labeled=image_root / "data", per_class=2, resize="stretch")
     assert calls == ["stretch", "crop"]  # the wild selection, then the mixed-in labeled images
     assert info["resize"] == "stretch"
     assert read_checkpoint(tmp_path / "run" / "best.pt")["info"]["resize"] == "stretch"
     with pytest.raises(AttnprobeError, match=r"'crop', 'stretch'"):
-        train_mod.distill(teacher_ckpt, wild, tmp_path / "sel.parquet", image_root / "data", arch, kwargs,
-                          epochs=1, out=tmp_path / "bad", workers=0, progress=False, resize="squash")
+        train_mod.distill(teacher_ckpt, wild, tmp_path / "sel.parquet", test=image_root / "data", student=arch,
+                          model_kwargs=kwargs, epochs=1, out=tmp_path / "bad", workers=0, progress=False, resize="squash")

@@ -10,8 +10,10 @@ import textwrap
 
 import pandas as pd
 import pytest
+import torch
 
 from attnprobe import load_checkpoint
+from attnprobe.data import eval_transform, load_image, split_holdout
 from attnprobe.models import read_checkpoint
 from attnprobe.select import write_table
 
@@ -58,7 +60,7 @@ def test_distill_two_processes_and_resume(image_root, teacher_ckpt, odd_test_set
                                "--epochs", str(epochs), "--out", str(out), "--batch-size", "4", "--workers", "0",
                                "--device", "cpu", "--schedule", "step", "--no-progress", *x]
     proc = torchrun(*argv(1))
-    assert proc.stdout.count("student: best test top-1") == 1  # printed by rank 0 only
+    assert proc.stdout.count("student: epoch 1 of 1 chosen on fidelity") == 1  # printed by rank 0 only
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
     last = read_checkpoint(out / "last.pt")
     assert last["epoch"] == 0 and len(last["rng"]) == 2  # both ranks' random streams, for --resume
@@ -67,9 +69,20 @@ def test_distill_two_processes_and_resume(image_root, teacher_ckpt, odd_test_set
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [0, 1]  # one row per epoch: rank 1 wrote none
     assert all(r["test_n"] == 25 for r in rows)  # sharded evaluation counts each test image once
+    assert all(r["fidelity_n"] == 3 for r in rows)  # 10% of 30, split over the two processes, each counted once
     model, info = load_checkpoint(out / "best.pt")
     assert read_checkpoint(out / "last.pt")["epoch"] == 1
-    assert info["accuracy"] == max(r["test_top1"] for r in rows)
+    assert info["holdout"] == 3 and info["selected_on"] == "fidelity"
+    assert info["best_epoch"] == max(range(2), key=lambda e: (rows[e]["fidelity"], -e))
+    assert info["fidelity"] == rows[info["best_epoch"]]["fidelity"]
+    assert info["accuracy"] == rows[info["best_epoch"]]["test_top1"]
+    # the held-out images are those one process holds out (seeded, not by rank): fidelity recomputed on them
+    teacher, t_info = load_checkpoint(teacher_ckpt)
+    _, held = split_holdout([str(wild / p) for p in paths], 0.1, 0)
+    x = torch.stack([eval_transform(t_info)(load_image(p, 3)) for p in held])
+    with torch.no_grad():
+        agree = (model(x).argmax(1) == teacher(x).argmax(1)).sum().item() / len(held)
+    assert info["fidelity"] == agree
 
 
 def test_train_teacher_two_processes(image_root, odd_test_set, tmp_path):

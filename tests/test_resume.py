@@ -120,7 +120,13 @@ def test_distill_resumed_after_sigkill_equals_uninterrupted(image_root, teacher_
     a, b = read_checkpoint(tmp_path / "whole/last.pt"), read_checkpoint(tmp_path / "killed/last.pt")
     same_state(a["model"], b["model"])
     same_state(a["noise"], b["noise"])
-    assert a["best_top1"] == b["best_top1"]
+    assert (a["best_on"], a["best_score"], a["best_epoch"]) == (b["best_on"], b["best_score"], b["best_epoch"])
+    assert a["best_on"] == "fidelity"
+    rows_whole = read_jsonl(tmp_path / "whole/metrics.jsonl")
+    best = load_checkpoint(tmp_path / "killed/best.pt")[1]
+    assert best["best_epoch"] == max(range(epochs), key=lambda e: (rows_whole[e]["fidelity"], -e))
+    assert best["fidelity"] == rows_whole[best["best_epoch"]]["fidelity"]
+    same_state(read_checkpoint(tmp_path / "whole/best.pt")["model"], read_checkpoint(tmp_path / "killed/best.pt")["model"])
     rows = read_jsonl(metrics)
     assert [r["epoch"] for r in rows] == list(range(epochs))
     assert without_seconds(rows) == without_seconds(read_jsonl(tmp_path / "whole/metrics.jsonl"))

@@ -86,7 +86,7 @@ def test_bad_tables_and_weights(table):
 
 def test_select_writes_table_and_summary(table, tmp_path):
     write_table(table, tmp_path / "scores.parquet", {"num_classes": 3, "classes": ["x", "y", "z"]})
-    summary = select(tmp_path / "scores.parquet", 2, "dfnd", out=tmp_path / "sel.parquet")
+    summary = select(tmp_path / "scores.parquet", num_select=2, strategy="dfnd", out=tmp_path / "sel.parquet")
     df, meta = read_table(tmp_path / "sel.parquet")
     assert df.path.tolist() == ["a.png", "d.png"] and list(df.score) == pytest.approx([0.1, 0.3])
     on_disk = json.loads((tmp_path / "sel.json").read_text())
@@ -94,5 +94,5 @@ def test_select_writes_table_and_summary(table, tmp_path):
     assert on_disk["pool_size"] == 5 and on_disk["classes"] == ["x", "y", "z"]
     assert sum(on_disk["class_weights"]) == pytest.approx(3)
     with pytest.raises(AttnprobeError):
-        select(tmp_path / "scores.parquet", 0, "dfnd", out=tmp_path / "bad.parquet")
+        select(tmp_path / "scores.parquet", num_select=0, strategy="dfnd", out=tmp_path / "bad.parquet")
     assert not (tmp_path / "bad.parquet").exists() and not (tmp_path / "bad.json").exists()

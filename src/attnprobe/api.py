@@ -10,7 +10,9 @@ from .exporter import export
 from .imports import import_teacher
 from .models import atomic_write_text
 from .select import read_table, select_images, write_table
-from .train import distill, evaluate_checkpoint as evaluate, train_teacher
+from .settings import DistillSettings, ScoreSettings, SelectSettings, TeacherSettings
+from .distillation import distill as _distill
+from .train import evaluate_checkpoint as evaluate, train_teacher as _train_teacher
 
 __all__ = ["prepare", "train_teacher", "score", "select", "distill", "evaluate", "import_teacher", "export"]
 
@@ -21,33 +23,45 @@ def prepare(kind: str, src, out, progress: bool = True) -> dict:
     return _prepare(kind, src, out, progress=progress)
 
 
-def score(teacher, wild, out, blocks=None, heads: str = "first", batch_size: int = 256, workers: int = 2,
-          device=None, amp: bool = False, progress: bool = True, chunk_size: int = 2048,
-          channels_last: bool = False, compile: bool = False, *, resize: str = "crop") -> dict:
+def score(teacher, wild, out, *, settings: ScoreSettings | None = None, **overrides) -> dict:
     """Score every image under `wild` with the teacher; write the table to `out` (parquet) and the files
-    that could not be read to `<out stem>.skipped.csv` (path, reason).
+    that could not be read to `<out stem>.skipped.csv` (path, reason). Settings: `ScoreSettings` (blocks,
+    heads, resize, amp, chunk_size, batch_size, ...), given as an instance and/or keyword arguments.
 
     Resumable: a stopped run leaves finished chunks of `chunk_size` images in `<out>.parts/`, and the
-    same call continues from them. Under torchrun the chunks are shared among the processes. `resize`:
-    `crop` (shorter side, centre crop) or `stretch` (the whole image to the square input, as the reference).
-    Returns
+    same call continues from them. Under torchrun the chunks are shared among the processes. Returns
     the table's metadata plus `scored`, `skipped`, `rows` (= scored) and `skipped_csv`."""
     from .score import score as _score
-    return _score(teacher, wild, out, blocks, heads, batch_size, workers, device, amp, progress, chunk_size,
-                  channels_last, compile, resize=resize)
+    return _score(teacher, wild, out, **ScoreSettings.build(settings, **overrides).asdict())
 
 
-def select(scores, num_select: int, strategy: str = "attnprobe", w_attn: float = 0.05, w_out: float = 0.9,
-           seed: int = 0, normalize: str = "none", out="selection.parquet") -> dict:
-    """Select the K best rows of a score table; write them and a JSON summary (same stem) beside."""
+def select(scores, *, out, settings: SelectSettings | None = None, **overrides) -> dict:
+    """Select the K best rows of a score table; write them to `out` (.parquet) and a JSON summary (same
+    stem) beside. Settings: `SelectSettings` (num_select, strategy, w_attn, w_out, normalize, seed)."""
+    s = SelectSettings.build(settings, **overrides)
     df, meta = read_table(scores)
     for col in ("path", "pred"):
         if col not in df.columns:
             raise AttnprobeError(f"{scores} has no {col!r} column; pass a table written by `attnprobe score`")
-    selected, summary = select_images(df, num_select, strategy, w_attn, w_out, seed, normalize,
+    selected, summary = select_images(df, s.num_select, s.strategy, s.w_attn, s.w_out, s.seed, s.normalize,
                                       meta.get("num_classes"))
     summary.update(scores=os.path.abspath(scores), classes=meta.get("classes"))
     out = Path(out)
     write_table(selected, out, {**meta, "selection": summary})
     atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def train_teacher(data, *, out, test=None, settings: TeacherSettings | None = None, **overrides) -> dict:
+    """Train a teacher on DATA/train, choosing the epoch on DATA/val (or a --val-split of train/); `test` is
+    measured every epoch, never used to choose. Settings: `TeacherSettings` (model, epochs, lr, ...).
+    Writes OUT/best.pt, last.pt, metrics.jsonl; returns the chosen epoch's checkpoint info."""
+    return _train_teacher(data, out=out, test=test, **TeacherSettings.build(settings, **overrides).asdict())
+
+
+def distill(teacher, wild, selection, *, out, test=None, settings: DistillSettings | None = None,
+            **overrides) -> dict:
+    """Distill a student on the selected wild images, choosing the epoch on fidelity to the teacher (or on
+    `test` with select_on="test"). Settings: `DistillSettings` (student, epochs, lr, probe_weight, holdout,
+    ...). Writes OUT/best.pt, last.pt, metrics.jsonl; returns the chosen epoch's checkpoint info."""
+    return _distill(teacher, wild, selection, out=out, test=test, **DistillSettings.build(settings, **overrides).asdict())

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from .errors import AttnprobeError
+from .settings import (DistillSettings, RunSettings, ScoreSettings, SelectSettings, TeacherSettings, add_flags,
+                       from_args)
 
 D = argparse.ArgumentDefaultsHelpFormatter
 
@@ -20,28 +22,7 @@ def _common(p, batch_size, batch_help="images per batch (per process)"):
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-def _train_common(p, lr, wd):
-    p.add_argument("--model-kwargs", nargs="*", default=None, metavar="K=V",
-                   help="constructor overrides, values as Python literals, e.g. embed_dim=128 depth=6")
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.jsonl")
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--weight-decay", type=float, default=wd)
-    p.add_argument("--schedule", choices=("cosine", "step"), default="cosine",
-                   help="cosine to zero, or x0.1 at epochs 200 and 300 (the reference)")
-    p.add_argument("--warmup-epochs", type=int, default=0)
-    p.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips (digits, text)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-images", action="store_true",
-                   help="keep decoded images in memory after the first epoch (data that fits in RAM, --workers 0)")
-    p.add_argument("--resume", default=None, metavar="RUN/last.pt",
-                   help="continue a stopped run where it stopped: weights, optimizer, LR schedule, noise adaptation, "
-                        "best score, random state; with the same seed the result equals an uninterrupted run")
-
-
 # Under torchrun (python -m torch.distributed.run --nproc_per_node N -m attnprobe.cli ...) the same flags hold.
-_TRAIN_BATCH_HELP = ("images per step on each process: under torchrun the global batch is this times the number "
-                     "of processes (the learning rate is not rescaled)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,65 +36,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
     p = sub.add_parser("train-teacher", formatter_class=D, help="train a ViT teacher on an ImageFolder root")
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/")
-    p.add_argument("--model", default="ap_digits_teacher", help="preset or timm ViT name")
-    _train_common(p, lr=1e-3, wd=0.05)
-    p.add_argument("--affine", action="store_true",
-                   help="small random affine jitter (rotation, shift, scale) instead of the padded random crop")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean (default: timm's for the arch)")
-    p.add_argument("--std", type=float, nargs="+", default=None)
-    _common(p, 128, _TRAIN_BATCH_HELP)
+    p.add_argument("--data", required=True, help="ImageFolder root with train/ and val/ (or no val/ and --val-split)")
+    p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.jsonl")
+    p.add_argument("--test", default=None, help="labeled folder of the classes, measured every epoch "
+                                                "(test_top1) and never used to choose the epoch")
+    add_flags(p, TeacherSettings)
 
     p = sub.add_parser("score", formatter_class=D, help="score every wild image with one teacher pass")
     p.add_argument("--teacher", required=True, help="teacher checkpoint")
     p.add_argument("--wild", required=True, help="folder of unlabeled images (recursive)")
     p.add_argument("--out", required=True, help="score table (.parquet)")
-    p.add_argument("--blocks", type=int, nargs="+", default=None, help="0-based blocks to probe (default: 1/3, 2/3 depth)")
-    p.add_argument("--heads", choices=("first", "mean"), default="first", help="head reduction of the probe")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
-    p.add_argument("--channels-last", action="store_true", help="channels-last memory format (GPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the teacher forward (GPU)")
-    p.add_argument("--chunk-size", type=int, default=2048,
-                   help="images per resumable part (<out>.parts/); a rerun continues from finished parts")
-    p.add_argument("--resize", choices=("crop", "stretch"), default="crop",
-                   help="wild images to the teacher's input: crop = shorter side, centre crop; "
-                        "stretch = whole image to the square input (the reference)")
-    _common(p, 256)
+    add_flags(p, ScoreSettings)
 
     p = sub.add_parser("select", formatter_class=D, help="pick the K best-scoring wild images")
     p.add_argument("--scores", required=True)
-    p.add_argument("--num-select", type=int, required=True, metavar="K")
-    p.add_argument("--strategy", choices=("attnprobe", "dfnd", "probe", "random"), default="attnprobe")
-    p.add_argument("--w-attn", type=float, default=0.05, help="weight of the summed probe terms")
-    p.add_argument("--w-out", type=float, default=0.9, help="weight of the outlier term")
-    p.add_argument("--normalize", choices=("none", "rank", "zscore"), default="none",
-                   help="put the terms on one scale before weighting (none = the paper)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="selection table (.parquet); summary written beside as .json")
+    add_flags(p, SelectSettings)
+
+    p = sub.add_parser("run", formatter_class=D, help="score, select, distill, evaluate and report in one folder; "
+                                                      "reuses finished stages and continues stopped ones")
+    p.add_argument("--teacher", required=True, help="teacher checkpoint")
+    p.add_argument("--wild", required=True, help="folder of unlabeled images (recursive)")
+    p.add_argument("--out", required=True, help="run folder: config.json, stages.json, scores, one folder per "
+                                                "strategy, report.html")
+    p.add_argument("--test", default=None, help="labeled folder of the teacher's classes: measured, never used to "
+                                                "choose (unless --select-on test)")
+    seen = set()
+    add_flags(p, RunSettings, seen=seen)
+    add_flags(p, SelectSettings, skip=("strategy",), seen=seen)
+    add_flags(p, DistillSettings, skip=("resume",), seen=seen)
+    add_flags(p, ScoreSettings, seen=seen)
 
     p = sub.add_parser("distill", formatter_class=D, help="distill a student on the selected wild images")
     p.add_argument("--teacher", required=True)
     p.add_argument("--wild", required=True)
     p.add_argument("--selection", required=True)
-    p.add_argument("--student", default="ap_digits_student", help="preset or timm ViT name")
-    p.add_argument("--test", required=True, help="labeled folder of the teacher's classes (e.g. ROOT/val)")
-    _train_common(p, lr=7.5e-4, wd=0.025)
-    p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--probe-weight", type=float, default=0.8, help="weight of the probe-distillation loss (0: off)")
-    p.add_argument("--probe-blocks", type=int, nargs="+", default=None,
-                   help="teacher blocks (0-based) whose outputs are matched; student blocks mapped proportionally")
-    p.add_argument("--probe-variant", choices=("cosine", "reference"), default="cosine")
-    p.add_argument("--no-noise-adaptation", dest="noise_adaptation", action="store_false")
-    p.add_argument("--noise-weight", type=float, default=1.0)
-    p.add_argument("--robust", action="store_true", help="weight KD by DFND's class weights")
-    p.add_argument("--teacher-acc", type=float, default=None, help="alpha of noise adaptation (default: measured)")
-    p.add_argument("--labeled", default=None, help="original training set to mix in (folder of class folders)")
-    p.add_argument("--per-class", type=int, default=0, help="labeled images per class to mix in")
-    p.add_argument("--resize", choices=("crop", "stretch"), default="crop",
-                   help="wild images to the teacher's input: crop = shorter side, centre crop; "
-                        "stretch = whole image to the square input (the reference)")
-    _common(p, 256, _TRAIN_BATCH_HELP)
+    p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.jsonl")
+    p.add_argument("--test", default=None, help="labeled folder of the teacher's classes (e.g. ROOT/val): measured "
+                                                "every epoch, used to choose only with --select-on test")
+    add_flags(p, DistillSettings)
 
     p = sub.add_parser("import-teacher", formatter_class=D,
                        help="a teacher from DeiT, timm, transformers or a state dict -> attnprobe checkpoint")
@@ -171,35 +132,35 @@ def run(args) -> None:
         print(json.dumps(api.prepare(args.kind, args.src, args.out, progress=args.progress)))
     elif cmd == "train-teacher":
         with _distributed():
-            info = api.train_teacher(args.data, args.model, _kwargs(args), args.epochs, args.out, args.batch_size,
-                                     args.lr, args.weight_decay, args.schedule, args.warmup_epochs,
-                                     args.label_smoothing, args.flip, args.affine, args.mean, args.std, args.workers,
-                                     args.device, args.seed, args.resume, args.progress, args.cache_images)
+            info = api.train_teacher(args.data, out=args.out, test=args.test, settings=from_args(TeacherSettings, args))
         if _rank0():
-            print(f"teacher: best val top-1 {info['accuracy']:.4f}, {info['params']:,} parameters -> {args.out}/best.pt")
+            print(_teacher_line(info, args))
     elif cmd == "score":
-        summary = api.score(args.teacher, args.wild, args.out, args.blocks, args.heads, args.batch_size, args.workers,
-                            args.device, args.amp, args.progress, args.chunk_size, args.channels_last, args.compile,
-                            resize=args.resize)
+        summary = api.score(args.teacher, args.wild, args.out, settings=from_args(ScoreSettings, args))
         if summary["rank"] == 0:
             print(f"scored {summary['scored']} images, skipped {summary['skipped']} unreadable "
                   f"(listed in {summary['skipped_csv']}) -> {args.out}")
     elif cmd == "select":
-        summary = api.select(args.scores, args.num_select, args.strategy, args.w_attn, args.w_out, args.seed,
-                             args.normalize, args.out)
+        summary = api.select(args.scores, out=args.out, settings=from_args(SelectSettings, args))
         print(f"selected {summary['num_select']} of {summary['pool_size']} ({args.strategy}) -> {args.out}")
+    elif cmd == "run":
+        from .run import run as run_all
+        result = run_all(args.teacher, args.wild, args.out, test=args.test, run_settings=from_args(RunSettings, args),
+                         score_settings=from_args(ScoreSettings, args),
+                         select_settings=from_args(SelectSettings, args, strategy=args.strategies[0]),
+                         distill_settings=from_args(DistillSettings, args))
+        if _rank0():
+            for strategy, ev in result["strategies"].items():
+                s = (ev or {}).get("student", {})
+                test = "" if s.get("test_top1") is None else f", test top-1 {s['test_top1']:.4f}"
+                print(f"{strategy}: fidelity {s.get('fidelity')}{test} -> {args.out}/{strategy}/student/best.pt")
+            print(f"report -> {args.out}/report.html")
     elif cmd == "distill":
         with _distributed():
-            info = api.distill(args.teacher, args.wild, args.selection, args.test, args.student, _kwargs(args),
-                               args.epochs, args.out, args.batch_size, args.lr, args.weight_decay, args.schedule,
-                               args.warmup_epochs, args.temperature, args.probe_weight, args.probe_blocks,
-                               args.probe_variant, args.noise_adaptation, args.noise_weight, robust=args.robust,
-                               teacher_acc=args.teacher_acc, labeled=args.labeled, per_class=args.per_class,
-                               flip=args.flip, workers=args.workers, device=args.device, seed=args.seed,
-                               resume=args.resume, progress=args.progress, cache_images=args.cache_images,
-                               resize=args.resize)
+            info = api.distill(args.teacher, args.wild, args.selection, out=args.out, test=args.test,
+                               settings=from_args(DistillSettings, args))
         if _rank0():
-            print(f"student: best test top-1 {info['accuracy']:.4f}, {info['params']:,} parameters -> {args.out}/best.pt")
+            print(_student_line(info, args))
     elif cmd == "import-teacher":
         info = api.import_teacher(args.source, out=args.out, model=args.model, model_kwargs=_kwargs(args),
                                   classes=args.classes, mean=args.mean, std=args.std, val=args.val,
@@ -226,6 +187,30 @@ def run(args) -> None:
             print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  (n={result['n']})")
             if args.json:
                 Path(args.json).write_text(json.dumps(result) + "\n")
+
+
+def _chosen(info, epochs) -> str:
+    return f"epoch {info['best_epoch'] + 1} of {epochs}"  # counted from 1 here; best_epoch is 0-based
+
+
+def _teacher_line(info, args) -> str:
+    if info["best_epoch"] is None:
+        return f"teacher: no epoch run -> {args.out}/best.pt"
+    test = "" if info["test_top1"] is None else f" (test top-1 {info['test_top1']:.4f}, not used to choose)"
+    return (f"teacher: best val top-1 {info['val_top1']:.4f} at {_chosen(info, args.epochs)}{test}, "
+            f"{info['params']:,} parameters -> {args.out}/best.pt")
+
+
+def _student_line(info, args) -> str:
+    """e.g. student: epoch 7 of 10 chosen on fidelity 0.9312 (test top-1 0.8810, not used to choose) -> RUN/best.pt"""
+    if info["best_epoch"] is None:
+        return f"student: no epoch run -> {args.out}/best.pt"
+    fid, acc = f"{info['fidelity']:.4f}", None if info["accuracy"] is None else f"{info['accuracy']:.4f}"
+    if info["selected_on"] == "test":
+        how = f"chosen on test top-1 {acc} (optimistic: the test set chose it; fidelity {fid})"
+    else:
+        how = f"chosen on fidelity {fid}" + ("" if acc is None else f" (test top-1 {acc}, not used to choose)")
+    return f"student: {_chosen(info, args.epochs)} {how} -> {args.out}/best.pt"
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 teacher's classes, and the teacher-normalised transforms every image goes through."""
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from array import array
@@ -306,6 +307,58 @@ def per_class_subset(ds: datasets.ImageFolder, per_class: int, seed: int) -> lis
         order = torch.randperm(len(paths), generator=g)[:per_class].tolist()
         chosen += [paths[i] for i in sorted(order)]
     return chosen
+
+
+HOLDOUT_MAX = 10_000  # a fractional holdout takes at most this many images
+
+
+def holdout_count(holdout, n: int) -> int:
+    """How many of `n` distinct selected images `holdout` means: a fraction in (0, 1) of them (rounded, at
+    least 1, at most HOLDOUT_MAX) or a whole number >= 1 (500 or 500.0). At least one must be left to train on."""
+    number = isinstance(holdout, numbers.Real) and not isinstance(holdout, bool)
+    count = number and holdout >= 1 and float(holdout).is_integer()  # 500 or 500.0
+    if not count and not (number and 0 < holdout < 1):
+        raise AttnprobeError(f"--holdout {holdout} is neither a fraction in (0, 1) nor a whole number of images "
+                             ">= 1; write e.g. 0.1 or 500")
+    k = int(holdout) if count else min(HOLDOUT_MAX, max(1, round(holdout * n)))
+    if k >= n:
+        raise AttnprobeError(f"--holdout {holdout} holds out {k} of the {n} selected images and leaves none to train "
+                             "on; hold out fewer")
+    return k
+
+
+def split_holdout(paths: list[str], holdout, seed: int) -> tuple[list[str], list[str]]:
+    """(training paths, held-out paths) of a selection: a fixed part held out to measure the student's
+    fidelity to the teacher, drawn from the distinct paths by a generator seeded with `seed` alone, so the
+    split is the same on resume and under any number of processes. A path listed more than once is held out
+    with all its rows; the training paths keep the selection's order and repeats, the held-out ones its order."""
+    distinct = list(dict.fromkeys(paths))
+    k = holdout_count(holdout, len(distinct))
+    g = torch.Generator().manual_seed(seed)
+    held = set(torch.randperm(len(distinct), generator=g)[:k].tolist())
+    held_paths = [p for i, p in enumerate(distinct) if i in held]
+    held_set = set(held_paths)
+    return [p for p in paths if p not in held_set], held_paths
+
+
+def stratified_split(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training indices, validation indices): `fraction` of each class's items (rounded; at least one, and
+    at least one left for training, where the class has two or more) drawn with a generator seeded by `seed`."""
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction < 1:
+        raise AttnprobeError(f"--val-split {fraction} is not a fraction in (0, 1); write e.g. 0.1")
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, t in enumerate(targets):
+        by_class.setdefault(t, []).append(i)
+    val = []
+    for t in sorted(by_class):
+        items = by_class[t]
+        k = min(max(1, round(fraction * len(items))), len(items) - 1)
+        val += [items[i] for i in torch.randperm(len(items), generator=g)[:k].tolist()]
+    if not val:
+        raise AttnprobeError(f"--val-split {fraction} takes no image: no class has two or more; add a val/ folder")
+    held = set(val)
+    return [i for i in range(len(targets)) if i not in held], sorted(val)
 
 
 def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0,

@@ -1,4 +1,5 @@
-"""One epoch of teacher training, one epoch of distillation, and evaluation (as DeiT's engine.py).
+"""One epoch of teacher training, one epoch of distillation, evaluation (as DeiT's engine.py), and
+fidelity: the student's top-1 agreement with the teacher's predictions, the label-free model selection.
 
 The loops are the same for one process and for many (torchrun + DistributedDataParallel): epoch
 statistics and evaluation counts are summed over processes at the end, so every rank returns the
@@ -143,3 +144,39 @@ def evaluate(model: nn.Module, loader, device, progress: bool = True) -> dict:
         counts[2] += len(targets)
     correct1, correct5, n = all_reduce_sum(counts).tolist()
     return {"top1": correct1 / max(n, 1), "top5": correct5 / max(n, 1), "n": n}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device, progress: bool = True) -> torch.Tensor:
+    """The model's top-1 class of each image of this process's shard, on the CPU, at the dataset index the
+    loader yields with the image (ImageList's (image, index)); -1 at indices outside the shard."""
+    model = _unwrap(model)
+    model.eval()
+    indices, preds = [], []
+    for images, index in _bar(loader, "predict", progress):
+        preds.append(model(images.to(device, non_blocking=True)).argmax(dim=1).cpu())
+        indices.append(index)
+    if not indices:
+        return torch.empty(0, dtype=torch.long)
+    index = torch.cat(indices)
+    out = torch.full((int(index.max()) + 1,), -1, dtype=torch.long)
+    out[index] = torch.cat(preds)
+    return out
+
+
+@torch.no_grad()
+def fidelity(model: nn.Module, loader, teacher_pred: torch.Tensor, device, progress: bool = True) -> dict:
+    """Top-1 agreement of the model with the teacher: the fraction of images whose top-1 class is the
+    teacher's (`teacher_pred`, from `predict` on the same loader), and the count. No labels are used.
+
+    Sharded as `evaluate`: each process passes its shard and the counts are summed over processes."""
+    model = _unwrap(model)
+    model.eval()
+    teacher_pred = teacher_pred.to(device)
+    counts = torch.zeros(2, dtype=torch.int64, device=device)  # agreements, n
+    for images, index in _bar(loader, "fidelity", progress):
+        pred = model(images.to(device, non_blocking=True)).argmax(dim=1)
+        counts[0] += (pred == teacher_pred[index.to(device)]).sum()
+        counts[1] += len(index)
+    agree, n = all_reduce_sum(counts).tolist()
+    return {"fidelity": agree / max(n, 1), "n": n}

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 
 from .data import eval_transform, load_image
 from .errors import AttnprobeError
@@ -50,8 +49,16 @@ def fig_score_terms(scores: pd.DataFrame, source: pd.Series) -> Figure:
     return fig
 
 
-def _thumb(ax, path, title=None, color=None):
-    ax.imshow(Image.open(path).convert("L"), cmap="gray", vmin=0, vmax=255)
+def _thumb(ax, path, title=None, color=None, *, in_chans: int = 1, size: int = 160):
+    """One image, shrunk to at most `size` pixels, grey (in_chans 1) or colour; a file that cannot be read
+    any more is an empty square saying so. `color` frames it, `title` goes above it."""
+    try:
+        img = load_image(path, in_chans, size_hint=size)
+        img.thumbnail((size, size))
+        ax.imshow(img, **({"cmap": "gray", "vmin": 0, "vmax": 255} if in_chans == 1 else {}))
+    except Exception as e:  # moved or changed since it was scored: the figure still shows the others
+        ax.text(0.5, 0.5, f"unreadable\n{type(e).__name__}", ha="center", va="center", fontsize=6,
+                transform=ax.transAxes)
     ax.set_xticks([])
     ax.set_yticks([])
     if color:
@@ -77,29 +84,33 @@ def fig_ranked(scores: pd.DataFrame, order_score: np.ndarray, wild: Path, is_dig
 
 
 @torch.no_grad()
-def fig_attention(teacher_ckpt, wild: Path, paths: list[str], labels: list[str], blocks: list[int]) -> Figure:
-    """The attention probe (head 0's CLS attention over patches) at each probed block, over the image."""
+def fig_attention(teacher_ckpt, wild: Path, paths: list[str], labels: list[str], blocks: list[int],
+                  resize: str = "crop", title: str | None = None) -> Figure:
+    """The attention probe (head 0's CLS attention over patches) at each probed block, over the image as the
+    teacher saw it (brought to its input by `resize`, as the scores were: `crop` or `stretch`)."""
     model, info = load_checkpoint(teacher_ckpt)
-    x = torch.stack([eval_transform(info)(load_image(wild / p, info["in_chans"])) for p in paths])
+    x = torch.stack([eval_transform(info, resize=resize)(load_image(wild / p, info["in_chans"])) for p in paths])
     with BlockTaps(model, qkv_blocks=blocks) as taps:
         model(x)
         maps = [taps.cls_attention(b)[:, 0, model.num_prefix_tokens:] for b in blocks]
+    mean, std = torch.tensor(info["mean"])[:, None, None], torch.tensor(info["std"])[:, None, None]
+    seen = (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # the teacher's input, un-normalised
+    gray = seen.shape[-1] == 1
     grid = model.patch_embed.grid_size
     fig = Figure(figsize=(1.6 * (1 + len(blocks)), 1.6 * len(paths)), layout="constrained")
     axes = fig.subplots(len(paths), 1 + len(blocks), squeeze=False)
     for i, p in enumerate(paths):
-        _thumb(axes[i][0], wild / p)
-        axes[i][0].set_ylabel(labels[i], fontsize=8)
-        for j, b in enumerate(blocks):
-            heat = maps[j][i].reshape(grid).numpy()
-            ax = axes[i][j + 1]
-            ax.imshow(Image.open(wild / p).convert("L"), cmap="gray", extent=(0, 1, 1, 0))
-            ax.imshow(heat, cmap="inferno", alpha=0.6, extent=(0, 1, 1, 0))
+        img = seen[i][..., 0] if gray else seen[i]
+        for j, ax in enumerate(axes[i]):
+            ax.imshow(img, cmap="gray" if gray else None, vmin=0, vmax=1, extent=(0, 1, 1, 0))
+            if j:
+                ax.imshow(maps[j - 1][i].reshape(grid).numpy(), cmap="inferno", alpha=0.6, extent=(0, 1, 1, 0))
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(f"block {b}", fontsize=8)
-    fig.suptitle("Attention probe: CLS attention over patches (head 0)", fontsize=10)
+                ax.set_title(f"block {blocks[j - 1]}" if j else "teacher's input", fontsize=8)
+        axes[i][0].set_ylabel(labels[i], fontsize=8)
+    fig.suptitle(title or "Attention probe: CLS attention over patches (head 0)", fontsize=10)
     return fig
 
 
@@ -163,10 +174,15 @@ def findings(results: dict, aurocs: dict) -> list[str]:
 
 
 def write_report(run) -> Path:
-    """Build RUN/report.html (self-contained) and RUN/figures/*.png from a finished demo run."""
+    """Build RUN/report.html (self-contained) and RUN/figures/*.png from a finished demo run, or from an
+    `attnprobe run` folder (config.json; see report_run.write_run_report)."""
     run = Path(run)
     if not (run / "results.json").is_file():
-        raise AttnprobeError(f"{run} has no results.json; pass the output folder of a finished `attnprobe demo`")
+        if (run / "config.json").is_file():
+            from .report_run import write_run_report
+            return write_run_report(run)
+        raise AttnprobeError(f"{run} has no results.json (a finished `attnprobe demo`) nor config.json (an "
+                             "`attnprobe run` folder); pass the output folder of one of them")
     results = json.loads((run / "results.json").read_text())
     scores, meta = read_table(run / "scores.parquet")
     sources = pd.read_csv(results["pool"]["sources_csv"]).set_index("path").loc[scores.path]

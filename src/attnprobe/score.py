@@ -353,9 +353,9 @@ def merge_parts(parts: Path, n_chunks: int, out, meta: dict, schema: pa.Schema) 
     return meta
 
 
-def score(teacher, wild, out, blocks=None, heads: str = "first", batch_size: int = 256, workers: int = 2,
+def score(teacher, wild, out, *, blocks=None, heads: str = "first", batch_size: int = 256, workers: int = 2,
           device=None, amp: bool = False, progress: bool = True, chunk_size: int = CHUNK_SIZE,
-          channels_last: bool = False, compile: bool = False, *, resize: str = "crop") -> dict:
+          channels_last: bool = False, compile: bool = False, resize: str = "crop") -> dict:
     """Score every image under `wild`; write the table to `out` and the skipped files beside it.
     `resize`: `crop` (shorter side, centre crop) or `stretch` (whole image to the square input, as the
     reference); recorded in the table's metadata.

@@ -1,5 +1,6 @@
-"""Orchestration: train a teacher on labeled data, distill a student from it on selected wild
-images, evaluate a checkpoint. Each writes RUN/best.pt, RUN/last.pt and RUN/metrics.jsonl."""
+"""Orchestration: train a teacher on labeled data, evaluate a checkpoint, and the run machinery both
+training commands share (RUN/best.pt, RUN/last.pt, RUN/metrics.jsonl, resuming, sharded loaders).
+Distillation lives in distillation.py; `from attnprobe.train import distill` still works."""
 from __future__ import annotations
 
 import json
@@ -13,18 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .data import (RESIZE_MODES, ImageList, eval_transform, labeled_folder, make_loader, per_class_subset,
-                   split_dir, train_transform)
+from .data import eval_transform, labeled_folder, make_loader, split_dir, stratified_split, train_transform
 from .distributed import all_gather_object, barrier, init_distributed, is_main, rank, world_size
-from .engine import DistillModel, distill_one_epoch, evaluate, train_one_epoch
+from .engine import evaluate, train_one_epoch
 from .errors import AttnprobeError
-from .losses import NoiseAdaptation
 from .models import (atomic_write_text, build_model, default_norm, describe, geometry, load_checkpoint,
                      read_checkpoint, resolve_model, save_checkpoint)
-from .probe import check_blocks, default_distill_blocks, map_blocks
-from .select import read_table
 
 SCHEDULES = ("cosine", "step")
 
@@ -124,14 +121,15 @@ def set_rng_state(state: dict, loader_generator: torch.Generator | None = None) 
         loader_generator.set_state(state["loader"])
 
 
-def _resume_state(resume, run: RunDir, objects: dict) -> dict:
+def _resume_state(resume, run: RunDir, objects: dict, same: dict | None = None) -> dict:
     """Restore model/optimizer/scheduler/noise state from RUN/last.pt into `objects` and put back
-    metrics.jsonl as the checkpoint saw it (each finished epoch once).
+    metrics.jsonl as the checkpoint saw it (each finished epoch once). `same`: settings (info keys) that
+    must not change on resume, as {key: (value now, the flag that sets it)}; checkpoints without a key pass.
 
-    Returns {"start": next epoch, "best": best score so far, "history": metrics rows, "rng": per-rank
-    RNG states or None}; a fresh run when `resume` is falsy."""
+    Returns {"start": next epoch, "history": metrics rows, "rng": per-rank RNG states or None}; a fresh
+    run when `resume` is falsy. The best epoch so far is found again in the history (see _best_row)."""
     if not resume:
-        return {"start": 0, "best": -1.0, "history": [], "rng": None}
+        return {"start": 0, "history": [], "rng": None}
     ckpt = read_checkpoint(resume)
     for name, obj in objects.items():
         if name not in ckpt or "epoch" not in ckpt:
@@ -143,6 +141,11 @@ def _resume_state(resume, run: RunDir, objects: dict) -> dict:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise AttnprobeError(f"{resume}: its {name} state does not fit this run ({first}); resume with the "
                                  "same model and options as the stopped run") from None
+    for key, (now, flag) in (same or {}).items():
+        before = ckpt.get("info", {}).get(key)
+        if before is not None and before != now:
+            raise AttnprobeError(f"{resume} was run with {flag} {before}, this run has {now}; resume with the "
+                                 "same setting")
     done = ckpt["epoch"]
     if "metrics" in ckpt:
         history = [dict(r) for r in ckpt["metrics"] if r["epoch"] <= done]
@@ -157,7 +160,7 @@ def _resume_state(resume, run: RunDir, objects: dict) -> dict:
                 if row.get("epoch", done + 1) <= done:
                     history.append(row)
     run.rewrite(history)
-    return {"start": done + 1, "best": ckpt["best_top1"], "history": history, "rng": ckpt.get("rng")}
+    return {"start": done + 1, "history": history, "rng": ckpt.get("rng")}
 
 
 def _restore_rng(resumed: dict, seed: int, loader_generator: torch.Generator) -> None:
@@ -175,11 +178,15 @@ def _restore_rng(resumed: dict, seed: int, loader_generator: torch.Generator) ->
         loader_generator.manual_seed(s)
 
 
-def _checkpoint_state(resumed: dict, epoch: int, best: float, loader_generator, objects: dict) -> dict:
-    """Everything last.pt needs to continue the run: gathers the RNG states of every process."""
+def _checkpoint_state(resumed: dict, epoch: int, best: dict, criterion: str, loader_generator,
+                      objects: dict) -> dict:
+    """Everything last.pt needs to continue the run: gathers the RNG states of every process. The best
+    epoch so far is recorded for reading (best_on, best_score, best_epoch); a resumed run finds it again
+    in the metrics rows, on the criterion it runs with."""
     rngs = all_gather_object(rng_state(loader_generator))
     return {**{name: getattr(obj, "module", obj).state_dict() for name, obj in objects.items() if name != "model"},
-            "epoch": epoch, "best_top1": best, "metrics": resumed["history"], "rng": rngs}
+            "epoch": epoch, "best_on": criterion, "best_score": best[criterion], "best_epoch": best["epoch"],
+            "metrics": resumed["history"], "rng": rngs}
 
 
 # ---- loaders: one process or a shard per process -----------------------------------------------
@@ -211,47 +218,70 @@ def _ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _fit(run: "RunDir", info: dict, objects: dict, resumed: dict, epochs: int, train_loader, eval_loader, device,
-         progress: bool, split: str, one_epoch) -> float:
-    """The epochs left: train (`one_epoch()`), step the schedule, evaluate, keep best.pt and last.pt, log a
-    metrics row (`<split>_top1`, ...). Returns the best top-1."""
+def _best_row(rows: list[dict], criterion: str) -> dict | None:
+    """The metrics row of the epoch best.pt holds: the first with the highest `criterion` (a later epoch
+    must beat it); rows without the criterion (a run resumed on another one) do not count."""
+    best = None
+    for row in rows:
+        if row.get(criterion) is not None and (best is None or row[criterion] > best[criterion]):
+            best = row
+    return best
+
+
+def _measure_top1(loaders: dict, net, device, progress: bool) -> dict:
+    """`<split>_top1`, `<split>_top5`, `<split>_n` of each labeled evaluation loader ({split: loader})."""
+    row = {}
+    for split, loader in loaders.items():
+        acc = evaluate(net, loader, device, progress)
+        row.update({f"{split}_top1": acc["top1"], f"{split}_top5": acc["top5"], f"{split}_n": acc["n"]})
+    return row
+
+
+def _fit(run: "RunDir", info: dict, objects: dict, resumed: dict, epochs: int, train_loader, one_epoch, measure,
+         criterion: str, chosen) -> dict:
+    """The epochs left: train (`one_epoch()`), step the schedule, measure (`measure()`: the metrics of the
+    row), keep best.pt (the epoch with the highest row[criterion]) and last.pt, log the metrics row.
+    `chosen(row)`: the info fields a checkpoint of that epoch records. Returns the info of the best epoch."""
     net, optimizer, scheduler = objects["model"], objects["optimizer"], objects["scheduler"]
-    best = resumed["best"]
+    best = _best_row(resumed["history"], criterion)
     for epoch in range(resumed["start"], epochs):
         t0 = time.time()
         lr_now = optimizer.param_groups[0]["lr"]
         train_loader.sampler.set_epoch(epoch)
         stats = one_epoch()
         scheduler.step()
-        acc = evaluate(net, eval_loader, device, progress)
-        if acc["top1"] > best:
-            best = acc["top1"]
-            run.save("best.pt", net, {**info, "accuracy": best, "epoch": epoch})
-        row = {"epoch": epoch, **stats, f"{split}_top1": acc["top1"], f"{split}_top5": acc["top5"],
-               f"{split}_n": acc["n"], "lr": lr_now, "seconds": round(time.time() - t0, 3)}
+        row = {"epoch": epoch, **stats, **measure(), "lr": lr_now, "seconds": round(time.time() - t0, 3)}
+        if best is None or row[criterion] > best[criterion]:
+            best = row
+            run.save("best.pt", net, {**info, **chosen(row), "epoch": epoch, "best_epoch": epoch})
         resumed["history"].append(row)
-        run.save("last.pt", net, {**info, "accuracy": acc["top1"], "epoch": epoch},
-                 **_checkpoint_state(resumed, epoch, best, train_loader.generator, objects))
+        run.save("last.pt", net, {**info, **chosen(row), "epoch": epoch, "best_epoch": best["epoch"]},
+                 **_checkpoint_state(resumed, epoch, best, criterion, train_loader.generator, objects))
         run.log(row)
     barrier()
-    return best
+    if best is None:  # no epoch was run
+        return {**info, **chosen({}), "epoch": None, "best_epoch": None}
+    return {**info, **chosen(best), "epoch": best["epoch"], "best_epoch": best["epoch"]}
 
 
-def train_teacher(data, model: str = "ap_digits_teacher", model_kwargs: dict | None = None, epochs: int = 10,
-                  out="runs/teacher", batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05,
+def train_teacher(data, *, out, test=None, model: str = "ap_digits_teacher", model_kwargs: dict | None = None,
+                  epochs: int = 10, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.05,
                   schedule: str = "cosine", warmup_epochs: int = 0, label_smoothing: float = 0.0,
                   flip: bool = True, affine: bool = False, mean=None, std=None, workers: int = 2,
                   device: str | None = None, seed: int = 0, resume=None, progress: bool = True,
-                  cache_images: bool = False) -> dict:
-    """Supervised training on DATA/train, evaluated on DATA/val every epoch. Returns the best info.
-    `cache_images`: keep the decoded images in memory after the first epoch (small data sets, workers=0).
+                  cache_images: bool = False, val_split: float | None = None) -> dict:
+    """Supervised training on DATA/train; best.pt is the epoch with the best top-1 on DATA/val, or with
+    `val_split` (when there is no val/) on that fraction of DATA/train, held out per class with `seed`.
+    `test`: a labeled folder of the classes measured every epoch (test_top1, test_top5) and never used to
+    choose. Returns the chosen epoch's info: accuracy = val_top1 (noise adaptation's alpha), test_top1 (or
+    None), best_epoch. `cache_images`: keep the decoded images in memory (small data sets, workers=0).
 
     Under torchrun each process trains on its shard of DATA/train with `batch_size` images per step
     (DistributedDataParallel); rank 0 alone writes RUN/."""
     device = init_distributed(device)
     progress = progress and is_main()
     seed_everything(seed)
-    train_dir, val_dir = split_dir(data, "train"), split_dir(data, "val")
+    train_dir = split_dir(data, "train")
     classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
     if not classes:
         raise AttnprobeError(f"{train_dir} has no class folders; expected train/<class>/<image>")
@@ -259,40 +289,45 @@ def train_teacher(data, model: str = "ap_digits_teacher", model_kwargs: dict | N
     net = build_model(arch, kwargs, len(classes)).to(device)
     in_chans = geometry(net)["in_chans"]
     d_mean, d_std = default_norm(arch, in_chans)
-    info = describe(net, arch, kwargs, classes, mean or d_mean, std or d_std, role="teacher")
-    train_ds = labeled_folder(train_dir, classes, train_transform(info, flip, affine), in_chans, cache_images)
-    val_ds = labeled_folder(val_dir, classes, eval_transform(info), in_chans, cache_images)
+    info = describe(net, arch, kwargs, classes, mean or d_mean, std or d_std, role="teacher", val_split=val_split)
+    train_ds, val_ds = _train_val(data, classes, train_transform(info, flip, affine), eval_transform(info), in_chans,
+                                  cache_images, val_split, seed)
+    test_ds = None if test is None else labeled_folder(_class_dir(test, classes, "val"), classes, eval_transform(info),
+                                                       in_chans, cache_images)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = lr_schedule(optimizer, schedule, epochs, warmup_epochs)
     run = RunDir(out, resume=bool(resume))
     objects = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
-    resumed = _resume_state(resume, run, objects)
+    resumed = _resume_state(resume, run, objects, same={"val_split": (val_split, "--val-split")})
     seed_everything(seed + rank())  # the data streams: distinct per process, fixed by the seed
     train_loader = _train_loader(train_ds, batch_size, workers, seed)
-    val_loader = _eval_loader(val_ds, batch_size, workers)
+    eval_loaders = {"val": _eval_loader(val_ds, batch_size, workers)}
+    if test_ds is not None:
+        eval_loaders["test"] = _eval_loader(test_ds, batch_size, workers)
     _restore_rng(resumed, seed, train_loader.generator)
     model_ddp = _ddp(net, device)
-    best = _fit(run, info, objects, resumed, epochs, train_loader, val_loader, device, progress, "val",
-                lambda: train_one_epoch(model_ddp, train_loader, optimizer, device, label_smoothing, progress))
-    return {**info, "accuracy": best}
+    return _fit(run, info, objects, resumed, epochs, train_loader,
+                lambda: train_one_epoch(model_ddp, train_loader, optimizer, device, label_smoothing, progress),
+                lambda: _measure_top1(eval_loaders, net, device, progress), "val_top1",
+                lambda row: {"accuracy": row.get("val_top1"), "val_top1": row.get("val_top1"),
+                             "test_top1": row.get("test_top1"), "selected_on": "val"})
 
 
-def _student(student: str, model_kwargs: dict | None, t_info: dict, teacher, probe_on: bool):
-    """The student as a timm model with the teacher's classes and input geometry (unless overridden)."""
-    arch, kwargs = resolve_model(student, model_kwargs)
-    kwargs.setdefault("img_size", t_info["img_size"])
-    kwargs.setdefault("in_chans", t_info["in_chans"])
-    net = build_model(arch, kwargs, t_info["num_classes"])
-    s_geo, t_geo = geometry(net), geometry(teacher)
-    if (s_geo["img_size"], s_geo["in_chans"]) != (t_geo["img_size"], t_geo["in_chans"]):
-        raise AttnprobeError(f"student input {s_geo['img_size']}px x{s_geo['in_chans']} differs from the teacher's "
-                             f"{t_geo['img_size']}px x{t_geo['in_chans']}; drop the img_size/in_chans overrides")
-    # Each model's CLS token is compared with its own patch tokens, so the prefix tokens may differ (a
-    # distilled DeiT teacher has two); the patch grids must match token for token.
-    if probe_on and s_geo["grid_size"] != t_geo["grid_size"]:
-        raise AttnprobeError(f"student token grid {s_geo['grid_size']} differs from the teacher's {t_geo['grid_size']}; "
-                             "use the teacher's patch_size or turn the probe loss off with --probe-weight 0")
-    return net, arch, kwargs
+def _train_val(data, classes, train_tf, eval_tf, in_chans: int, cache: bool, val_split, seed: int):
+    """(training set, validation set): DATA/train and DATA/val, or with `val_split` a seeded per-class split
+    of DATA/train (when there is no val/; the two are not combined)."""
+    train_dir, val_dir = split_dir(data, "train"), Path(data) / "val"
+    if val_split is None:
+        if not val_dir.is_dir():
+            raise AttnprobeError(f"{data} has no val/ folder to choose the epoch on; add val/<class>/ or pass "
+                                 "--val-split 0.1 to hold out part of train/ (per class)")
+        return (labeled_folder(train_dir, classes, train_tf, in_chans, cache),
+                labeled_folder(val_dir, classes, eval_tf, in_chans, cache))
+    if val_dir.is_dir():
+        raise AttnprobeError(f"{data} has a val/ folder and --val-split {val_split} was given; use one or the other")
+    train_ds = labeled_folder(train_dir, classes, train_tf, in_chans, cache)
+    train_idx, val_idx = stratified_split(train_ds.targets, val_split, seed)
+    return Subset(train_ds, train_idx), Subset(labeled_folder(train_dir, classes, eval_tf, in_chans, cache), val_idx)
 
 
 def _class_dir(path, classes, split: str) -> Path:
@@ -301,105 +336,6 @@ def _class_dir(path, classes, split: str) -> Path:
     if path.is_dir() and not {d.name for d in path.iterdir() if d.is_dir()} & set(classes) and (path / split).is_dir():
         return path / split
     return path
-
-
-def selected_paths(selection, wild) -> tuple[list[str], dict]:
-    """The selection's paths (checked to exist under the wild folder) and its JSON summary."""
-    df, _ = read_table(selection)
-    if "path" not in df.columns or df.empty:
-        raise AttnprobeError(f"{selection} has no selected paths; pass the output of `attnprobe select`")
-    wild = Path(wild)
-    if not wild.is_dir():
-        raise AttnprobeError(f"wild folder {wild} does not exist; pass the folder that was scored")
-    paths = df["path"].tolist()
-    missing = [p for p in paths if not (wild / p).is_file()]
-    if missing:
-        raise AttnprobeError(f"{len(missing)} selected paths are not under {wild} (e.g. {missing[0]}); "
-                             "pass the same --wild folder that was scored")
-    summary_path = Path(selection).with_suffix(".json")
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return paths, summary
-
-
-def distill(teacher, wild, selection, test, student: str = "ap_digits_student", model_kwargs: dict | None = None,
-            epochs: int = 10, out="runs/student", batch_size: int = 256, lr: float = 7.5e-4,
-            weight_decay: float = 0.025, schedule: str = "cosine", warmup_epochs: int = 0,
-            temperature: float = 4.0, probe_weight: float = 0.8, probe_blocks: list[int] | None = None,
-            probe_variant: str = "cosine", noise_adaptation: bool = True, noise_weight: float = 1.0,
-            noise_lr: float = 1e-3, robust: bool = False, teacher_acc: float | None = None,
-            labeled=None, per_class: int = 0, flip: bool = True, workers: int = 2, device: str | None = None,
-            seed: int = 0, resume=None, progress: bool = True, cache_images: bool = False, *,
-            resize: str = "crop") -> dict:
-    """Train a student from scratch on the selected wild images with the teacher as the only supervision.
-
-    `resize`: how a wild image is brought to the teacher's input before the augmentation: `crop`
-    (shorter side, centre crop) or `stretch` (the whole image to the square input, as the reference).
-    The labeled images (the mixed-in `per_class` ones and the test set) are always cropped.
-
-    Under torchrun each process distills on its shard of the selection with `batch_size` images per step;
-    the student and the noise-adaptation matrix are trained as one DistributedDataParallel module, the
-    teacher runs unwrapped on each process, and rank 0 alone writes RUN/."""
-    if resize not in RESIZE_MODES:
-        raise AttnprobeError(f"--resize {resize!r} is not one of {RESIZE_MODES}")
-    device = init_distributed(device)
-    progress = progress and is_main()
-    seed_everything(seed)
-    teacher_net, t_info = load_checkpoint(teacher, device)
-    teacher_net.eval().requires_grad_(False)
-    t_depth = geometry(teacher_net)["depth"]
-    t_blocks = check_blocks(probe_blocks if probe_blocks else default_distill_blocks(t_depth), t_depth,
-                            "--probe-blocks") if probe_weight > 0 else []
-    net, arch, kwargs = _student(student, model_kwargs, t_info, teacher_net, probe_weight > 0)
-    net = net.to(device)
-    s_blocks = map_blocks(t_blocks, t_depth, geometry(net)["depth"])
-
-    paths, summary = selected_paths(selection, wild)
-    paths = [os.path.join(wild, p) for p in paths]
-    train_ds = ImageList(paths, transform=train_transform(t_info, flip, resize=resize), in_chans=t_info["in_chans"],
-                         cache=cache_images)
-    if labeled and per_class > 0:
-        labeled_ds = labeled_folder(_class_dir(labeled, t_info["classes"], "train"), t_info["classes"], None,
-                                    t_info["in_chans"])
-        # used like wild images (teacher-supervised, same augmentation), but always cropped, not stretched
-        mixed = ImageList(per_class_subset(labeled_ds, per_class, seed), transform=train_transform(t_info, flip),
-                          in_chans=t_info["in_chans"], cache=cache_images)
-        train_ds = ConcatDataset([train_ds, mixed])
-    # Test images of another size or colour mode are resized and converted to the teacher's geometry.
-    test_ds = labeled_folder(_class_dir(test, t_info["classes"], "val"), t_info["classes"], eval_transform(t_info),
-                             t_info["in_chans"], cache_images)
-
-    alpha = teacher_acc if teacher_acc is not None else t_info.get("accuracy")
-    if noise_adaptation and not (alpha and 0 < alpha <= 1):
-        raise AttnprobeError("the teacher checkpoint has no measured accuracy; pass --teacher-acc (a fraction)")
-    noise = NoiseAdaptation(t_info["num_classes"], alpha).to(device) if noise_adaptation else None
-    weights = None
-    if robust:
-        if "class_weights" not in summary:
-            raise AttnprobeError(f"--robust needs the class weights in {Path(selection).with_suffix('.json')}; "
-                                 "rerun attnprobe select")
-        weights = torch.tensor(summary["class_weights"], dtype=torch.float32, device=device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    optimizers = [optimizer] + ([torch.optim.Adam(noise.parameters(), lr=noise_lr)] if noise else [])
-    scheduler = lr_schedule(optimizer, schedule, epochs, warmup_epochs)
-    info = describe(net, arch, kwargs, t_info["classes"], t_info["mean"], t_info["std"], role="student",
-                    teacher=os.path.abspath(teacher), selection=os.path.abspath(selection),
-                    teacher_accuracy=t_info.get("accuracy"), resize=resize)
-    run = RunDir(out, resume=bool(resume))
-    objects = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
-    if noise:
-        objects.update(noise=noise, noise_optimizer=optimizers[1])
-    resumed = _resume_state(resume, run, objects)
-    seed_everything(seed + rank())  # the data streams: distinct per process, fixed by the seed
-    train_loader = _train_loader(train_ds, batch_size, workers, seed)
-    test_loader = _eval_loader(test_ds, batch_size, workers)
-    _restore_rng(resumed, seed, train_loader.generator)
-    model = _ddp(DistillModel(net, noise), device)
-    best = _fit(run, info, objects, resumed, epochs, train_loader, test_loader, device, progress, "test",
-                lambda: distill_one_epoch(model, teacher_net, train_loader, optimizers, device,
-                                          temperature=temperature, noise_weight=noise_weight, class_weights=weights,
-                                          probe_weight=probe_weight, teacher_blocks=t_blocks,
-                                          student_blocks=s_blocks, probe_variant=probe_variant, progress=progress))
-    return {**info, "accuracy": best}
 
 
 def evaluate_checkpoint(model, data, batch_size: int = 256, workers: int = 2, device: str | None = None,
@@ -420,3 +356,11 @@ def evaluate_model(net, info: dict, data, *, batch_size: int = 256, workers: int
     ds = labeled_folder(_class_dir(data, info["classes"], "val"), info["classes"], eval_transform(info),
                         info["in_chans"])
     return evaluate(net.to(device), _eval_loader(ds, batch_size, workers), device, progress and is_main())
+
+
+def __getattr__(name: str):
+    """`distill` and `selected_paths`, from distillation.py (imported on first use: it imports this module)."""
+    if name in ("distill", "selected_paths"):
+        from . import distillation
+        return getattr(distillation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

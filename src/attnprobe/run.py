@@ -1,0 +1,223 @@
+"""`attnprobe run`: score -> select -> distill -> evaluate -> report, in one folder.
+
+Each stage has a key: a hash of its inputs (the teacher file, the pool's listing, the stage before) and
+of the settings that change its result. A stage whose key is unchanged and whose output is complete is
+reused; a changed key redoes that stage and those after it. A stage stopped half-way (Ctrl-C, kill -9,
+a lost machine) continues: scoring from its finished parts, distillation from its last.pt.
+
+    RUN/config.json       every setting, by stage
+    RUN/stages.json       per stage: key, status (started/done), seconds
+    RUN/scores.parquet    (+ scores.skipped.csv)
+    RUN/<strategy>/selection.parquet, selection.json, student/, evaluation.json
+    RUN/report.html
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import distributed
+from .errors import AttnprobeError
+from .models import atomic_write_text, load_checkpoint
+from .settings import DistillSettings, RunSettings, ScoreSettings, SelectSettings
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Stages:
+    """RUN/stages.json: what ran, with which key, how long. Written by rank 0 only, and only on change."""
+
+    def __init__(self, run: Path):
+        self.path = run / "stages.json"
+        self.rows: list[dict] = []
+        if self.path.is_file():
+            try:
+                self.rows = json.loads(self.path.read_text())
+            except ValueError:
+                self.rows = []  # a torn or edited file: every stage is redone, nothing is trusted
+        self.by_name = {r["stage"]: r for r in self.rows if isinstance(r, dict) and "stage" in r}
+
+    def done(self, name: str, key: str) -> bool:
+        row = self.by_name.get(name)
+        return bool(row) and row.get("key") == key and row.get("status") == "done"
+
+    def started(self, name: str, key: str) -> bool:
+        row = self.by_name.get(name)
+        return bool(row) and row.get("key") == key
+
+    def seconds(self, name: str) -> float | None:
+        return (self.by_name.get(name) or {}).get("seconds")
+
+    def mark(self, name: str, key: str, status: str, seconds: float | None = None) -> None:
+        row = {"stage": name, "key": key, "status": status, "seconds": seconds}
+        if name in self.by_name:
+            self.rows[self.rows.index(self.by_name[name])] = row
+        else:
+            self.rows.append(row)
+        self.by_name[name] = row
+        if distributed.is_main():
+            atomic_write_text(self.path, json.dumps(self.rows, indent=1) + "\n")
+
+
+class Progress:
+    """One line per stage on stderr: its place, the time so far and an estimate of the time left."""
+
+    def __init__(self, plan: list[str], stages: Stages, show: bool):
+        self.plan, self.stages, self.show, self.start = plan, stages, show, time.time()
+        self.took: dict[str, float] = {}
+
+    def _estimate(self, name: str) -> float | None:
+        kind = name.split(":")[0]
+        same = [s for n, s in self.took.items() if n.split(":")[0] == kind]
+        return sum(same) / len(same) if same else self.stages.seconds(name)
+
+    def line(self, name: str, status: str) -> None:
+        if not self.show:
+            return
+        i = self.plan.index(name)
+        guesses = [self._estimate(n) for n in self.plan[i:]]
+        left = "unknown yet" if any(g is None for g in guesses) else f"~{_hms(sum(guesses))}"
+        print(f"[{i + 1}/{len(self.plan)}] {name}: {status} ({_hms(time.time() - self.start)} elapsed, "
+              f"{left} left)", file=sys.stderr, flush=True)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_settings: ScoreSettings,
+        select_settings: SelectSettings, distill_settings: DistillSettings) -> dict:
+    """Run (or continue, or reuse) every stage into `out`; returns {strategy: evaluation} and the run folder."""
+    from .api import distill, score, select
+    from .data import PathList
+
+    out = Path(out)
+    teacher, wild = Path(teacher).resolve(), Path(wild).resolve()
+    test = Path(test).resolve() if test else None
+    if not teacher.is_file():
+        raise AttnprobeError(f"--teacher {teacher} is not a file; pass a checkpoint (train-teacher or import-teacher)")
+    if out.exists() and not out.is_dir():
+        raise AttnprobeError(f"--out {out} is a file; pass a folder for the run")
+    device = distributed.init_distributed(score_settings.device)
+    try:
+        if distributed.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()
+        config = {"kind": "attnprobe-run", "version": 1, "teacher": str(teacher), "wild": str(wild),
+                  "test": str(test) if test else None, "strategies": list(run_settings.strategies),
+                  "score": score_settings.asdict(), "select": select_settings.asdict(),
+                  "distill": distill_settings.asdict()}
+        _write_if_changed(out / "config.json", json.dumps(config, indent=1, default=str) + "\n")
+        stages = Stages(out)
+        distributed.barrier()  # every process has read stages.json before anyone changes it
+
+        plan = ["score"] + [f"{stage}:{s}" for s in run_settings.strategies
+                            for stage in ("select", "distill", "evaluate")] + ["report"]
+        bar = Progress(plan, stages, distributed.is_main())  # stage lines always; --no-progress drops the bars
+        pool = PathList.from_dir(wild)
+        score_key = _key(_file_sha256(teacher), str(wild), pool.digest(), score_settings.result_settings())
+        scores = out / "scores.parquet"
+
+        def stage(name, key, output: Path, work, *, clear=()):
+            """Reuse, continue or (re)do one stage; `clear` is removed when the key changed."""
+            if stages.done(name, key) and output.exists():
+                bar.line(name, "reused")
+                return
+            if not stages.started(name, key) and distributed.is_main():
+                for p in clear:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            distributed.barrier()
+            bar.line(name, "continuing" if stages.started(name, key) else "running")
+            stages.mark(name, key, "started", stages.seconds(name))
+            t0 = time.time()
+            work()
+            distributed.barrier()
+            stages.mark(name, key, "done", round(time.time() - t0, 2))
+
+        stage("score", score_key, scores,
+              lambda: score(teacher, wild, scores, settings=score_settings, device=device),
+              clear=(scores, scores.with_name("scores.skipped.csv"), scores.with_name("scores.parquet.parts")))
+        results = {}
+        for strategy in run_settings.strategies:
+            folder = out / strategy
+            sel_settings = SelectSettings.build(select_settings, strategy=strategy)
+            select_key = _key(score_key, sel_settings.result_settings())
+            selection = folder / "selection.parquet"
+            stage(f"select:{strategy}", select_key, selection,
+                  _on_main(select, scores, out=selection, settings=sel_settings),
+                  clear=(selection, selection.with_suffix(".json")))
+            distill_key = _key(select_key, str(test), distill_settings.result_settings())
+            student = folder / "student"
+            resume = student / "last.pt"
+            stage(f"distill:{strategy}", distill_key, student / "best.pt",
+                  lambda: distill(teacher, wild, selection, out=student, test=test, settings=distill_settings,
+                                  device=device, resume=str(resume) if resume.is_file() else None),
+                  clear=(student,))
+            evaluation = folder / "evaluation.json"
+            stage(f"evaluate:{strategy}", distill_key, evaluation,
+                  _on_main(_evaluate, teacher, student / "best.pt", test, evaluation,
+                           out / "teacher-evaluation.json", distill_settings))
+            results[strategy] = json.loads(evaluation.read_text()) if evaluation.is_file() else None
+        report_key = _key([stages.by_name[n]["key"] for n in plan[:-1]])
+        stage("report", report_key, out / "report.html", _on_main(_report, out))
+        distributed.barrier()
+        return {"run": str(out), "strategies": results}
+    finally:
+        distributed.cleanup()
+
+
+def _on_main(fn, *args, **kwargs):
+    """A stage that only the main process does (select, evaluate, report); the others wait at the barrier."""
+    def work():
+        if distributed.is_main():
+            fn(*args, **kwargs)
+    return work
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if distributed.is_main() and not (path.is_file() and path.read_text() == text):
+        atomic_write_text(path, text)
+
+
+def _evaluate(teacher: Path, best: Path, test, out: Path, teacher_cache: Path, settings: DistillSettings) -> None:
+    """evaluation.json: the student and the teacher side by side (cost, fidelity, test accuracy)."""
+    from .measure import model_cost
+    from .train import evaluate_model
+    net, info = load_checkpoint(best)
+    student = {**model_cost(net, info), "fidelity": info.get("fidelity"), "test_top1": None, "test_top5": None}
+    loader = dict(batch_size=settings.batch_size, workers=settings.workers, progress=False)
+    if test is not None:
+        result = evaluate_model(net, info, test, **loader)
+        student.update(test_top1=result["top1"], test_top5=result["top5"])
+    key = _key(_file_sha256(teacher), str(test))
+    cached = json.loads(teacher_cache.read_text()) if teacher_cache.is_file() else {}
+    if cached.get("key") != key:  # the teacher is measured once per run, not once per strategy
+        t_net, t_info = load_checkpoint(teacher)
+        cached = {"key": key, **model_cost(t_net, t_info), "test_top1": None, "test_top5": None}
+        if test is not None:
+            result = evaluate_model(t_net, t_info, test, **loader)
+            cached.update(test_top1=result["top1"], test_top5=result["top5"])
+        atomic_write_text(teacher_cache, json.dumps(cached, indent=1) + "\n")
+    teacher_row = {k: v for k, v in cached.items() if k != "key"}
+    atomic_write_text(out, json.dumps({"student": student, "teacher": teacher_row}, indent=1) + "\n")
+
+
+def _report(out: Path) -> None:
+    from .report import write_report
+    write_report(out)
+

@@ -1,0 +1,267 @@
+"""Each stage's settings, defined once.
+
+A stage's settings are one keyword-only dataclass: its fields carry the default, the help text and the
+check of each value. The command line builds its flags from them (`add_flags`), the Python API builds
+the dataclass from keyword arguments, and `attnprobe run` records them in config.json (`asdict`).
+A new flag is one new field, plus its use in the stage.
+
+Fields marked `runtime` (workers, device, progress bars, resume) do not change a stage's result: `run`
+ignores them when it decides whether a finished stage can be reused.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+
+from .errors import AttnprobeError
+
+
+def setting(default=MISSING, help: str = "", *, choices=None, check=None, runtime: bool = False,
+            metavar: str | None = None):
+    """A dataclass field with its help text, allowed choices, a check `(predicate, 'what it must be')`."""
+    meta = {"help": help, "choices": choices, "check": check, "runtime": runtime, "metavar": metavar}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_POSITIVE = (lambda v: v > 0, "greater than 0")
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
+_FRACTION = (lambda v: 0 < v <= 1, "a fraction in (0, 1], e.g. 0.9665")
+
+
+class Settings:
+    """Shared behaviour: every value checked on construction, one line naming the flag on failure."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None:
+                continue
+            values = value if isinstance(value, list) else [value]
+            if meta.get("choices") and any(v not in meta["choices"] for v in values):
+                raise AttnprobeError(f"{flag_name(f)} {_show(value)} is not one of {', '.join(map(str, meta['choices']))}")
+            check = meta.get("check")
+            if check and not all(check[0](v) for v in values):
+                raise AttnprobeError(f"{flag_name(f)} {_show(value)}: must be {check[1]}")
+
+    @classmethod
+    def build(cls, settings=None, **overrides):
+        """From another instance and/or keyword arguments; an unknown name is an error, not ignored."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise AttnprobeError(f"{cls.__name__} has no setting {unknown[0]!r}; known: {', '.join(sorted(names))}")
+        base = {f.name: getattr(settings, f.name) for f in fields(cls)} if settings is not None else {}
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+                   and f.name not in base and f.name not in overrides]
+        if missing:
+            raise AttnprobeError(f"{cls.__name__} needs {', '.join(missing)}")
+        return cls(**{**base, **overrides})
+
+    def asdict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def result_settings(self) -> dict:
+        """The settings that change the stage's result (what `run` compares to reuse a stage)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("runtime")}
+
+
+def _show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def flag_name(f) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+# Fields several stages share: functions, so that each dataclass gets a field of its own.
+def _workers():
+    return setting(2, "DataLoader worker processes", check=_NOT_NEGATIVE, runtime=True)
+
+
+def _device():
+    return setting(None, "cuda, cuda:1 or cpu (default: cuda when there is one)", runtime=True)
+
+
+def _progress():
+    return setting(True, "progress bars", runtime=True)
+
+
+def _resize():
+    return setting("crop", "wild images to the teacher's input: crop = shorter side, centre crop; stretch = the "
+                           "whole image to the square input (the reference)", choices=("crop", "stretch"))
+
+
+_TRAIN_BATCH_HELP = ("images per step on each process: under torchrun the global batch is this times the number "
+                     "of processes (the learning rate is not rescaled)")
+
+
+@dataclass(kw_only=True)
+class ScoreSettings(Settings):
+    blocks: list[int] | None = setting(None, "0-based blocks to probe (default: 1/3, 2/3 depth)",
+                                       check=_NOT_NEGATIVE)
+    heads: str = setting("first", "head reduction of the probe: head 0 (the reference) or the mean",
+                         choices=("first", "mean"))
+    resize: str = _resize()
+    amp: bool = setting(False, "bf16 autocast (GPU)")
+    channels_last: bool = setting(False, "channels-last memory format (GPU)", runtime=True)
+    compile: bool = setting(False, "torch.compile the teacher forward (GPU)", runtime=True)
+    chunk_size: int = setting(2048, "images per resumable part (<out>.parts/); a rerun continues from "
+                                    "finished parts", check=_AT_LEAST_1)
+    batch_size: int = setting(256, "images per batch (per process)", check=_AT_LEAST_1, runtime=True)
+    workers: int = _workers()
+    device: str | None = _device()
+    progress: bool = _progress()
+
+
+@dataclass(kw_only=True)
+class SelectSettings(Settings):
+    num_select: int = setting(MISSING, "K: how many images to select", check=_AT_LEAST_1, metavar="K")
+    strategy: str = setting("attnprobe", "attnprobe: w_attn * sum of probes + w_out * outlier (the paper); dfnd: "
+                                         "outlier alone; probe: probes alone; random",
+                            choices=("attnprobe", "dfnd", "probe", "random"))
+    w_attn: float = setting(0.05, "weight of the summed probe terms")
+    w_out: float = setting(0.9, "weight of the outlier term")
+    normalize: str = setting("none", "put the terms on one scale before weighting (none = the paper)",
+                             choices=("none", "rank", "zscore"))
+    seed: int = setting(0, "seed of the random strategy")
+
+
+@dataclass(kw_only=True)
+class _TrainSettings(Settings):
+    model_kwargs: dict = setting({}, "constructor overrides, values as Python literals, e.g. embed_dim=128 depth=6",
+                                 metavar="K=V")
+    epochs: int = setting(MISSING, "epochs to train", check=_AT_LEAST_1)
+    lr: float = setting(1e-3, "peak learning rate (AdamW)", check=_POSITIVE)
+    weight_decay: float = setting(0.05, "AdamW weight decay", check=_NOT_NEGATIVE)
+    schedule: str = setting("cosine", "cosine to zero, or x0.1 at epochs 200 and 300 counted from 1 (the "
+                                      "reference)", choices=("cosine", "step"))
+    warmup_epochs: int = setting(0, "linear warmup epochs", check=_NOT_NEGATIVE)
+    flip: bool = setting(True, "horizontal flips (turn off for digits, text)")
+    seed: int = setting(0, "seed of the initialisation, data order and augmentation")
+    batch_size: int = setting(128, _TRAIN_BATCH_HELP, check=_AT_LEAST_1)
+    cache_images: bool = setting(False, "keep decoded images in memory after the first epoch (data that fits "
+                                        "in RAM, --workers 0)", runtime=True)
+    resume: str | None = setting(None, "continue a stopped run where it stopped: weights, optimizer, LR schedule, "
+                                       "noise adaptation, best score, random state; with the same seed the result "
+                                       "equals an uninterrupted run", runtime=True, metavar="RUN/last.pt")
+    workers: int = _workers()
+    device: str | None = _device()
+    progress: bool = _progress()
+
+
+@dataclass(kw_only=True)
+class TeacherSettings(_TrainSettings):
+    model: str = setting("ap_digits_teacher", "preset or timm ViT name")
+    affine: bool = setting(False, "small random affine jitter (rotation, shift, scale) instead of the padded "
+                                  "random crop")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy",
+                                     check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    mean: list[float] | None = setting(None, "normalisation mean (default: timm's for the architecture)")
+    std: list[float] | None = setting(None, "normalisation std", check=_POSITIVE)
+    val_split: float | None = setting(None, "carve this fraction of train/ (per class, seeded) out as the "
+                                            "validation split, when there is no val/",
+                                      check=(lambda v: 0 < v < 1, "a fraction in (0, 1)"))
+
+
+@dataclass(kw_only=True)
+class DistillSettings(_TrainSettings):
+    student: str = setting("ap_digits_student", "preset or timm ViT name")
+    lr: float = setting(7.5e-4, "peak learning rate (AdamW)", check=_POSITIVE)
+    weight_decay: float = setting(0.025, "AdamW weight decay", check=_NOT_NEGATIVE)
+    batch_size: int = setting(256, _TRAIN_BATCH_HELP, check=_AT_LEAST_1)
+    temperature: float = setting(4.0, "KD temperature", check=_POSITIVE)
+    probe_weight: float = setting(0.8, "weight of the probe-distillation loss (0: off)", check=_NOT_NEGATIVE)
+    probe_blocks: list[int] | None = setting(None, "teacher blocks (0-based) whose outputs are matched; student "
+                                                   "blocks mapped proportionally", check=_NOT_NEGATIVE)
+    probe_variant: str = setting("cosine", "CLS-to-patch similarity: cosine (channel axis) or reference (the "
+                                           "reference code's token-axis normalisation)",
+                                 choices=("cosine", "reference"))
+    noise_adaptation: bool = setting(True, "DFND's noise adaptation")
+    noise_weight: float = setting(1.0, "weight of the noise-adaptation loss", check=_NOT_NEGATIVE)
+    noise_lr: float = setting(1e-3, "Adam learning rate of the noise-adaptation matrix", check=_POSITIVE)
+    robust: bool = setting(False, "weight KD by DFND's class weights")
+    teacher_acc: float | None = setting(None, "alpha of noise adaptation (default: the teacher's accuracy)",
+                                        check=_FRACTION)
+    labeled: str | None = setting(None, "original training set to mix in (folder of class folders)")
+    per_class: int = setting(0, "labeled images per class to mix in", check=_NOT_NEGATIVE)
+    resize: str = _resize()
+    holdout: float = setting(0.1, "part of the selection held out (never trained on) to measure fidelity, the "
+                                  "student's top-1 agreement with the teacher: a fraction (at most 10,000 images) "
+                                  "or a number of images; seeded by --seed", metavar="F|N",
+                             check=(lambda v: 0 < v < 1 or (v >= 1 and v == int(v)),
+                                    "a fraction in (0, 1) or a whole number of images"))
+    select_on: str = setting("fidelity", "which epoch best.pt keeps: fidelity (no labels needed), or test: the "
+                                         "test set chooses, which is optimistic (the reference's habit)",
+                             choices=("fidelity", "test"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.per_class > 0) != (self.labeled is not None):
+            raise AttnprobeError("--labeled and --per-class go together: pass both (a folder and a count per class) "
+                                 "or neither")
+
+
+@dataclass(kw_only=True)
+class RunSettings(Settings):
+    strategies: list[str] = setting(["attnprobe"], "one student per selection strategy, compared in the report "
+                                                   "(e.g. attnprobe dfnd random)",
+                                    choices=("attnprobe", "dfnd", "probe", "random"))
+
+
+STAGES = {"score": ScoreSettings, "select": SelectSettings, "train-teacher": TeacherSettings,
+          "distill": DistillSettings}
+
+
+def _base_type(annotation):
+    """(element type, is_list) of `int`, `float | None`, `list[int] | None`, ..."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        annotation = args[0]
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, *, skip=(), seen: set | None = None) -> None:
+    """One flag per field of `cls` (skipping `skip` and names already in `seen`), with its default and help."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in skip or (seen is not None and f.name in seen):
+            continue
+        if seen is not None:
+            seen.add(f.name)
+        meta, flag = f.metadata, flag_name(f)
+        required = f.default is MISSING and f.default_factory is MISSING
+        default = None if required else (f.default if f.default is not MISSING else f.default_factory())
+        kind, is_list = _base_type(hints[f.name])
+        if kind is bool:
+            if default:
+                parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=f"no {meta['help']}")
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+        elif kind is dict:
+            parser.add_argument(flag, dest=f.name, nargs="*", default=None, metavar=meta.get("metavar") or "K=V",
+                                help=meta["help"])
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, nargs="+" if is_list else None, default=default,
+                                required=required, choices=meta.get("choices"), metavar=meta.get("metavar"),
+                                help=meta["help"])
+
+
+def from_args(cls, args: argparse.Namespace, **extra):
+    """The settings of `cls` from parsed flags (K=V lists parsed as model kwargs)."""
+    from .models import parse_model_kwargs
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        if not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        values[f.name] = parse_model_kwargs(value) if _base_type(hints[f.name])[0] is dict else value
+    return cls.build(**{**values, **extra})
