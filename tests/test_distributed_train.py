@@ -15,7 +15,7 @@ import torch
 from attnprobe import load_checkpoint
 from attnprobe.data import eval_transform, load_image, split_holdout
 from attnprobe.models import read_checkpoint
-from attnprobe.select import write_table
+from attnprobe.select import read_table, write_table
 
 from .conftest import TINY_STUDENT, TINY_TEACHER
 
@@ -133,3 +133,24 @@ def test_replicas_and_noise_matrix_stay_in_sync(tmp_path):
     script.write_text(REPLICAS)
     torchrun(str(script), str(tmp_path / "ok"))
     assert (tmp_path / "ok").read_text() == "ok"
+
+
+def test_run_two_processes_matches_one_process_and_finishes(image_root, teacher_ckpt, odd_test_set, tmp_path):
+    """`attnprobe run` under torchrun: every stage ends (no process waits on another at rank 0's stages),
+    and the score table and test figures equal a one-process run's."""
+    s_arch, s_kw = TINY_STUDENT
+    args = ["--teacher", str(teacher_ckpt), "--wild", str(image_root / "wild"), "--num-select", "20",
+            "--student", s_arch, *kwargs_args(s_kw), "--epochs", "2", "--batch-size", "8", "--workers", "0",
+            "--test", str(odd_test_set), "--no-progress"]
+    torchrun("-m", "attnprobe.cli", "run", *args, "--out", str(tmp_path / "two"))
+    one = subprocess.run([sys.executable, "-m", "attnprobe.cli", "run", *args, "--out", str(tmp_path / "one")],
+                         env=ENV, capture_output=True, text=True, timeout=240)
+    assert one.returncode == 0, one.stderr[-4000:]
+    two_scores, _ = read_table(tmp_path / "two/scores.parquet")
+    one_scores, _ = read_table(tmp_path / "one/scores.parquet")
+    assert two_scores.path.tolist() == one_scores.path.tolist()
+    assert two_scores.outlier.tolist() == pytest.approx(one_scores.outlier.tolist(), abs=1e-5)
+    two = json.loads((tmp_path / "two/attnprobe/evaluation.json").read_text())
+    one = json.loads((tmp_path / "one/attnprobe/evaluation.json").read_text())
+    assert two["teacher"]["test_top1"] == one["teacher"]["test_top1"]  # the 25 images counted once each
+    assert (tmp_path / "two/report.html").is_file()

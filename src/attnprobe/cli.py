@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "faster in the training process than in workers on a small CPU)")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("report", formatter_class=D, help="rebuild report.html of a finished demo run")
+    p = sub.add_parser("report", formatter_class=D, help="rebuild report.html of a demo or `attnprobe run` folder")
     p.add_argument("run_dir")
     return parser
 
@@ -153,7 +153,8 @@ def run(args) -> None:
             for strategy, ev in result["strategies"].items():
                 s = (ev or {}).get("student", {})
                 test = "" if s.get("test_top1") is None else f", test top-1 {s['test_top1']:.4f}"
-                print(f"{strategy}: fidelity {s.get('fidelity')}{test} -> {args.out}/{strategy}/student/best.pt")
+                fidelity = "n/a" if s.get("fidelity") is None else f"{s['fidelity']:.4f}"
+                print(f"{strategy}: fidelity {fidelity}{test} -> {args.out}/{strategy}/student/best.pt")
             print(f"report -> {args.out}/report.html")
     elif cmd == "distill":
         with _distributed():

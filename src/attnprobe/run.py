@@ -89,8 +89,10 @@ class Progress:
         if not self.show:
             return
         i = self.plan.index(name)
-        guesses = [self._estimate(n) for n in self.plan[i:]]
-        left = "unknown yet" if any(g is None for g in guesses) else f"~{_hms(sum(guesses))}"
+        guesses = {n: self._estimate(n) for n in self.plan[i:]}
+        # score and distill set the pace; an untimed select, evaluate or report counts as nothing
+        unknown = any(g is None and n.split(":")[0] in ("score", "distill") for n, g in guesses.items())
+        left = "unknown yet" if unknown else f"~{_hms(sum(g or 0 for g in guesses.values()))}"
         print(f"[{i + 1}/{len(self.plan)}] {name}: {status} ({_hms(time.time() - self.start)} elapsed, "
               f"{left} left)", file=sys.stderr, flush=True)
 
@@ -170,8 +172,8 @@ def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_setti
                   clear=(student,))
             evaluation = folder / "evaluation.json"
             stage(f"evaluate:{strategy}", distill_key, evaluation,
-                  _on_main(_evaluate, teacher, student / "best.pt", test, evaluation,
-                           out / "teacher-evaluation.json", distill_settings))
+                  lambda: _evaluate(teacher, student / "best.pt", test, evaluation, out / "teacher-evaluation.json",
+                                    distill_settings))
             results[strategy] = json.loads(evaluation.read_text()) if evaluation.is_file() else None
         report_key = _key([stages.by_name[n]["key"] for n in plan[:-1]])
         stage("report", report_key, out / "report.html", _on_main(_report, out))
@@ -195,26 +197,34 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 
 def _evaluate(teacher: Path, best: Path, test, out: Path, teacher_cache: Path, settings: DistillSettings) -> None:
-    """evaluation.json: the student and the teacher side by side (cost, fidelity, test accuracy)."""
+    """evaluation.json: the student and the teacher side by side (cost, fidelity, test accuracy).
+
+    Every process takes part in the test evaluations (sharded, counts summed); rank 0 alone times the
+    models, so that the processes do not compete for the cores it measures, and writes the files."""
     from .measure import model_cost
     from .train import evaluate_model
-    net, info = load_checkpoint(best)
-    student = {**model_cost(net, info), "fidelity": info.get("fidelity"), "test_top1": None, "test_top5": None}
     loader = dict(batch_size=settings.batch_size, workers=settings.workers, progress=False)
-    if test is not None:
-        result = evaluate_model(net, info, test, **loader)
-        student.update(test_top1=result["top1"], test_top5=result["top5"])
+
+    def measured(ckpt) -> dict:
+        net, info = load_checkpoint(ckpt)
+        row = {"test_top1": None, "test_top5": None}
+        if test is not None:
+            result = evaluate_model(net, info, test, **loader)
+            row.update(test_top1=result["top1"], test_top5=result["top5"])
+        if distributed.is_main():
+            row.update(model_cost(net, info))
+        return row
+
+    student = {"fidelity": load_checkpoint(best)[1].get("fidelity"), **measured(best)}
     key = _key(_file_sha256(teacher), str(test))
     cached = json.loads(teacher_cache.read_text()) if teacher_cache.is_file() else {}
     if cached.get("key") != key:  # the teacher is measured once per run, not once per strategy
-        t_net, t_info = load_checkpoint(teacher)
-        cached = {"key": key, **model_cost(t_net, t_info), "test_top1": None, "test_top5": None}
-        if test is not None:
-            result = evaluate_model(t_net, t_info, test, **loader)
-            cached.update(test_top1=result["top1"], test_top5=result["top5"])
-        atomic_write_text(teacher_cache, json.dumps(cached, indent=1) + "\n")
-    teacher_row = {k: v for k, v in cached.items() if k != "key"}
-    atomic_write_text(out, json.dumps({"student": student, "teacher": teacher_row}, indent=1) + "\n")
+        cached = {"key": key, **measured(teacher)}
+        if distributed.is_main():
+            atomic_write_text(teacher_cache, json.dumps(cached, indent=1) + "\n")
+    if distributed.is_main():
+        teacher_row = {k: v for k, v in cached.items() if k != "key"}
+        atomic_write_text(out, json.dumps({"student": student, "teacher": teacher_row}, indent=1) + "\n")
 
 
 def _report(out: Path) -> None:
