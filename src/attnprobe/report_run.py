@@ -180,7 +180,7 @@ def fig_classes(strats: list[dict], classes: list[str]) -> Figure:
         ax.set_xticks(x + 0.4 - width / 2, labels, rotation=45 if tilt else 0, ha="right" if tilt else "center",
                       fontsize=8)
         ax.set_ylabel(ylabel, fontsize=9)
-    fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    fig.axes[0].legend(fontsize=8, loc="upper right")  # inside: outside, it ran into the title
     part = "" if len(shown) == len(classes) else f" ({len(shown)} most frequent of {len(classes)} classes)"
     fig.suptitle(f"The teacher's predicted class of the selected images, and DFND's class weights{part}", fontsize=10)
     return fig
