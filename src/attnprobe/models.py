@@ -7,6 +7,7 @@ the normalisation, so that no later command has to be told them again.
 from __future__ import annotations
 
 import ast
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -151,6 +152,15 @@ def atomic_write_text(path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes (a teacher's identity in score tables and run keys)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -22,20 +22,12 @@ from pathlib import Path
 
 from . import distributed
 from .errors import AttnprobeError
-from .models import atomic_write_text, load_checkpoint
+from .models import atomic_write_text, file_sha256, load_checkpoint
 from .settings import DistillSettings, RunSettings, ScoreSettings, SelectSettings
 
 
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class Stages:
@@ -132,7 +124,7 @@ def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_setti
                             for stage in ("select", "distill", "evaluate")] + ["report"]
         bar = Progress(plan, stages, distributed.is_main())  # stage lines always; --no-progress drops the bars
         pool = PathList.from_dir(wild)
-        score_key = _key(_file_sha256(teacher), str(wild), pool.digest(), score_settings.result_settings())
+        score_key = _key(file_sha256(teacher), str(wild), pool.digest(), score_settings.result_settings())
         scores = out / "scores.parquet"
 
         def stage(name, key, output: Path, work, *, clear=()):
@@ -216,7 +208,7 @@ def _evaluate(teacher: Path, best: Path, test, out: Path, teacher_cache: Path, s
         return row
 
     student = {"fidelity": load_checkpoint(best)[1].get("fidelity"), **measured(best)}
-    key = _key(_file_sha256(teacher), str(test))
+    key = _key(file_sha256(teacher), str(test))
     cached = json.loads(teacher_cache.read_text()) if teacher_cache.is_file() else {}
     if cached.get("key") != key:  # the teacher is measured once per run, not once per strategy
         cached = {"key": key, **measured(teacher)}

@@ -20,7 +20,6 @@ The pass is built for large, dirty pools:
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import RESIZE_MODES, ImageList, PathList, collate_skipping, eval_transform, make_loader
 from .errors import AttnprobeError
-from .models import geometry, load_checkpoint
+from .models import file_sha256, geometry, load_checkpoint
 from .probe import HEAD_REDUCTIONS, BlockTaps, check_blocks, default_probe_blocks
 
 CHUNK_SIZE = 2048
@@ -272,14 +271,6 @@ def _finished(parts: Path, n_chunks: int) -> set[int]:
     return {c for c in range(n_chunks) if _part(parts, c).name in names}
 
 
-def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_settings(parts: Path, settings: dict) -> None:
     path = parts / SETTINGS
     if not path.is_file():
@@ -372,7 +363,7 @@ def score(teacher, wild, out, *, blocks=None, heads: str = "first", batch_size: 
     n_chunks = math.ceil(len(paths) / chunk_size)
     out = Path(out)
     parts = parts_dir(out)
-    settings = {"format": 1, "teacher": os.path.abspath(teacher), "teacher_sha256": _file_sha256(teacher),
+    settings = {"format": 1, "teacher": os.path.abspath(teacher), "teacher_sha256": file_sha256(teacher),
                 "wild": os.path.abspath(wild), "pool_size": len(paths), "pool_sha256": paths.digest(),
                 "blocks": blocks, "heads": heads, "chunk_size": chunk_size, "amp": bool(amp),
                 "resize": resize}
