@@ -26,6 +26,17 @@ def shape_image(rng, cls: str, size: int = 16) -> Image.Image:
     return Image.fromarray(a.astype(np.uint8)).convert("RGB")
 
 
+@pytest.fixture
+def one_thread():
+    """In-process runs on one thread: tiny models run faster so, and two threads per run oversubscribe a
+    shared 2-core machine. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def image_root(tmp_path_factory):
     """data/{train,val}/<class>/*.png and wild/ (shapes in nested folders, odd extensions, noise JPEGs)."""

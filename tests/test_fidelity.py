@@ -20,12 +20,7 @@ from attnprobe.select import write_table
 from .conftest import CLASSES, TINY_STUDENT, TINY_TEACHER
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_jsonl(path):
@@ -122,17 +117,19 @@ def test_resumed_best_is_found_on_the_same_criterion(image_root, teacher_ckpt, s
     """Epoch 0 has the best test top-1, epoch 1 the best fidelity; resumed after epoch 1, epoch 2 (fidelity 0.7)
     must not replace best.pt."""
     scripted(monkeypatch, [0.5, 0.9], [0.9, 0.5])
-    run_distill(image_root, teacher_ckpt, selection[0], tmp_path, test=image_root / "data/val", epochs=2)
+    # the step schedule: a finished run may be extended (a cosine run must keep its --epochs)
+    run_distill(image_root, teacher_ckpt, selection[0], tmp_path, test=image_root / "data/val", epochs=2,
+                schedule="step")
     scripted(monkeypatch, [0.7], [0.95])
     info = run_distill(image_root, teacher_ckpt, selection[0], tmp_path, test=image_root / "data/val", epochs=3,
-                       resume=tmp_path / "last.pt")
+                       resume=tmp_path / "last.pt", schedule="step")
     assert info["best_epoch"] == 1 and load_checkpoint(tmp_path / "best.pt")[1]["best_epoch"] == 1
     with pytest.raises(AttnprobeError, match="--select-on"):
         run_distill(image_root, teacher_ckpt, selection[0], tmp_path, test=image_root / "data/val", epochs=4,
-                    resume=tmp_path / "last.pt", select_on="test")
+                    resume=tmp_path / "last.pt", select_on="test", schedule="step")
     with pytest.raises(AttnprobeError, match="--holdout"):
         run_distill(image_root, teacher_ckpt, selection[0], tmp_path, epochs=4, resume=tmp_path / "last.pt",
-                    holdout=5)
+                    holdout=5, schedule="step")
 
 
 def test_without_test_set_through_the_cli(image_root, teacher_ckpt, selection, tmp_path, capsys):

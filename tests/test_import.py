@@ -1,7 +1,6 @@
 """import-teacher: every source format, built from tiny real models and saved the way each library saves
 them, comes back as the same model (same logits), with its classes, normalisation and accuracy."""
 import argparse
-import json
 import os
 
 import pytest

@@ -24,13 +24,7 @@ STAGES = [("score", 12.34, "done"), ("select:attnprobe", 0.42, "done"), ("select
           ("evaluate:dfnd", 1.19, "done"), ("report", None, "started")]  # the report stage is running
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and two threads on a busy 2-core machine wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()

@@ -32,13 +32,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs on one thread: the machine may be shared, and two threads per run oversubscribe it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_selection(image_root, out, repeat=1):

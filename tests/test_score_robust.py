@@ -108,10 +108,13 @@ def gray_teacher(tmp_path_factory):
 
 
 def read_skipped(out):
-    with open(skipped_path(out), newline="", encoding="utf-8", errors="surrogateescape") as f:
+    """{path: reason}, the paths as the pool lists them (the file is UTF-8: a name's non-UTF-8 bytes are written
+    as backslash escapes; mapped back here)."""
+    with open(skipped_path(out), newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["path", "reason"]
-    return {p: r for p, r in rows[1:]}
+    unescape = lambda p: os.fsdecode(p.encode("utf-8").decode("unicode_escape").encode("latin-1"))  # ASCII names here
+    return {unescape(p) if "\\x" in p else p: r for p, r in rows[1:]}
 
 
 @pytest.mark.parametrize("teacher_kind", ["rgb", "gray"])
@@ -376,7 +379,7 @@ def test_stretch_scores_the_whole_image(image_root, teacher_ckpt, tmp_path):
     settings = {k: 1 for k in GUARDED}
     (parts / "settings.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "resize"}))
     _check_settings(parts, {**settings, "resize": "crop"})
-    with pytest.raises(AttnprobeError, match=r"\(resize differ.*--resize"):
+    with pytest.raises(AttnprobeError, match=r"then --resize crop, now --resize stretch"):
         _check_settings(parts, {**settings, "resize": "stretch"})
     with pytest.raises(AttnprobeError, match=r"'crop', 'stretch'"):
         score(teacher_ckpt, wild, tmp_path / "bad.parquet", resize="squash", **kw)

@@ -9,6 +9,7 @@ from .errors import AttnprobeError
 from .exporter import export
 from .imports import import_teacher
 from .models import atomic_write_text
+from .outputs import check_score_out, check_select_out, check_train_out
 from .select import read_table, select_images, write_table
 from .settings import DistillSettings, ScoreSettings, SelectSettings, TeacherSettings
 from .distillation import distill as _distill
@@ -32,13 +33,16 @@ def score(teacher, wild, out, *, settings: ScoreSettings | None = None, **overri
     same call continues from them. Under torchrun the chunks are shared among the processes. Returns
     the table's metadata plus `scored`, `skipped`, `rows` (= scored) and `skipped_csv`."""
     from .score import score as _score
-    return _score(teacher, wild, out, **ScoreSettings.build(settings, **overrides).asdict())
+    s = ScoreSettings.build(settings, **overrides)
+    check_score_out(out, teacher=teacher, wild=wild)
+    return _score(teacher, wild, out, **s.asdict())
 
 
 def select(scores, *, out, settings: SelectSettings | None = None, **overrides) -> dict:
     """Select the K best rows of a score table; write them to `out` (.parquet) and a JSON summary (same
     stem) beside. Settings: `SelectSettings` (num_select, strategy, w_attn, w_out, normalize, seed)."""
     s = SelectSettings.build(settings, **overrides)
+    check_select_out(out, scores=scores)
     df, meta = read_table(scores)
     for col in ("path", "pred"):
         if col not in df.columns:
@@ -56,7 +60,9 @@ def train_teacher(data, *, out, test=None, settings: TeacherSettings | None = No
     """Train a teacher on DATA/train, choosing the epoch on DATA/val (or a --val-split of train/); `test` is
     measured every epoch, never used to choose. Settings: `TeacherSettings` (model, epochs, lr, ...).
     Writes OUT/best.pt, last.pt, metrics.jsonl; returns the chosen epoch's checkpoint info."""
-    return _train_teacher(data, out=out, test=test, **TeacherSettings.build(settings, **overrides).asdict())
+    s = TeacherSettings.build(settings, **overrides)
+    check_train_out(out, resume=s.resume, overwrite=s.overwrite, inputs={"--data": data, "--test": test})
+    return _train_teacher(data, out=out, test=test, **s.asdict())
 
 
 def distill(teacher, wild, selection, *, out, test=None, settings: DistillSettings | None = None,
@@ -64,4 +70,7 @@ def distill(teacher, wild, selection, *, out, test=None, settings: DistillSettin
     """Distill a student on the selected wild images, choosing the epoch on fidelity to the teacher (or on
     `test` with select_on="test"). Settings: `DistillSettings` (student, epochs, lr, probe_weight, holdout,
     ...). Writes OUT/best.pt, last.pt, metrics.jsonl; returns the chosen epoch's checkpoint info."""
-    return _distill(teacher, wild, selection, out=out, test=test, **DistillSettings.build(settings, **overrides).asdict())
+    s = DistillSettings.build(settings, **overrides)
+    check_train_out(out, resume=s.resume, overwrite=s.overwrite,
+                    inputs={"--teacher": teacher, "--wild": wild, "--selection": selection, "--test": test})
+    return _distill(teacher, wild, selection, out=out, test=test, **s.asdict())

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     seen = set()
     add_flags(p, RunSettings, seen=seen)
     add_flags(p, SelectSettings, skip=("strategy",), seen=seen)
-    add_flags(p, DistillSettings, skip=("resume",), seen=seen)
+    add_flags(p, DistillSettings, skip=("resume", "overwrite"), seen=seen)
     add_flags(p, ScoreSettings, seen=seen)
 
     p = sub.add_parser("distill", formatter_class=D, help="distill a student on the selected wild images")
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", formatter_class=D, help="top-1/top-5 of a checkpoint on a labeled folder")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True, help="folder of class folders, or an ImageFolder root (uses val/)")
-    p.add_argument("--json", default=None, help="write {top1, top5, n} here")
+    p.add_argument("--json", default=None, help="write {top1, top5, n} here (a missing folder is created)")
     _common(p, 256)
 
     p = sub.add_parser("demo", formatter_class=D, help="the whole method on bundled digits in the wild, with a report")
@@ -124,7 +124,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_outputs(args) -> None:
+    """Every command's outputs, checked before any work starts (and before the heavy imports): see outputs.py."""
+    from . import outputs as o
+    cmd = args.command
+    if cmd == "train-teacher":
+        o.check_train_out(args.out, resume=args.resume, overwrite=args.overwrite,
+                          inputs={"--data": args.data, "--test": args.test})
+    elif cmd == "distill":
+        o.check_train_out(args.out, resume=args.resume, overwrite=args.overwrite,
+                          inputs={"--teacher": args.teacher, "--wild": args.wild, "--selection": args.selection,
+                                  "--test": args.test})
+    elif cmd == "score":
+        o.check_score_out(args.out, teacher=args.teacher, wild=args.wild)
+    elif cmd == "select":
+        o.check_select_out(args.out, scores=args.scores)
+    elif cmd == "run":
+        o.check_out(args.out, kind="dir", example="RUN",
+                    inputs={"--teacher": args.teacher, "--wild": args.wild, "--test": args.test})
+    elif cmd == "evaluate" and args.json is not None:
+        o.check_out(args.json, flag="--json", example="evaluation.json",
+                    inputs={"--model": args.model, "--data": args.data})
+    elif cmd == "import-teacher":
+        o.check_out(args.out, example="teacher.pt", inputs={"source": args.source, "--classes": args.classes,
+                                                            "--val": args.val})
+    elif cmd == "export":
+        o.check_out(args.out, kind="new", example="model.onnx" if args.format == "onnx" else args.format,
+                    inputs={"checkpoint": args.checkpoint})
+    elif cmd == "demo":
+        o.check_out(args.out, kind="dir", example="demo-out")
+
+
 def run(args) -> None:
+    check_outputs(args)
     from . import api  # heavy imports only once the arguments are known to parse
 
     cmd = args.command
@@ -136,7 +168,8 @@ def run(args) -> None:
         if _rank0():
             print(_teacher_line(info, args))
     elif cmd == "score":
-        summary = api.score(args.teacher, args.wild, args.out, settings=from_args(ScoreSettings, args))
+        with _distributed():
+            summary = api.score(args.teacher, args.wild, args.out, settings=from_args(ScoreSettings, args))
         if summary["rank"] == 0:
             print(f"scored {summary['scored']} images, skipped {summary['skipped']} unreadable "
                   f"(listed in {summary['skipped_csv']}) -> {args.out}")
@@ -187,7 +220,9 @@ def run(args) -> None:
         if _rank0():
             print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  (n={result['n']})")
             if args.json:
-                Path(args.json).write_text(json.dumps(result) + "\n")
+                from .models import atomic_write_text
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # created, as --json's help says
+                atomic_write_text(args.json, json.dumps(result) + "\n")
 
 
 def _chosen(info, epochs) -> str:
@@ -234,16 +269,62 @@ def _kwargs(args):
     return parse_model_kwargs(args.model_kwargs)
 
 
+def _say(line: str) -> None:
+    """One line on stderr, from rank 0 only under torchrun (every rank meets the same bad input)."""
+    if _rank0():
+        print(line, file=sys.stderr, flush=True)
+
+
+def _how_to_continue(args) -> str:
+    """What a stopped command kept, and the command that continues it."""
+    cmd, out = args.command, getattr(args, "out", None)
+    if cmd == "score":
+        return (f"finished chunks are kept in {out}.parts/; rerun the same command to continue from them")
+    if cmd in ("train-teacher", "distill"):
+        last = Path(out) / "last.pt"
+        if args.resume and Path(args.resume).resolve() == last.resolve():
+            return f"the finished epochs are kept in {last}; rerun the same command to continue"
+        if last.is_file():
+            return f"the finished epochs are kept in {last}; rerun with --resume {last} to continue"
+        return "no epoch had finished; rerun the same command to start again"
+    if cmd == "run":
+        return f"finished stages (and a stopped one's progress) are kept in {out}; rerun the same command to continue"
+    return "outputs are written whole or not at all, so nothing is half-written; rerun the same command"
+
+
+def _after_rank0(code: int) -> int:
+    """Under torchrun, the other ranks let rank 0 print its line and exit first (torchrun then stops them,
+    and its summary names rank 0 as the root cause); stopped or not, they exit with the same code."""
+    if _rank0() or os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return code
+    import signal
+    import time
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+    time.sleep(10)
+    return code
+
+
 def main(argv=None) -> int:
+    """Bad input (AttnprobeError) and the expected environmental errors (no space, no permission, ...)
+    become one line on stderr and exit status 2; Ctrl-C says how to continue (130); anything else is a bug
+    and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         run(args)
     except AttnprobeError as e:
-        print(f"attnprobe {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        _say(f"attnprobe {args.command}: error: {e}")
+        return _after_rank0(2)
     except KeyboardInterrupt:
-        print(f"attnprobe {args.command}: interrupted", file=sys.stderr)
+        _say(f"attnprobe {args.command}: interrupted; {_how_to_continue(args)}")
         return 130
+    except OSError as e:
+        from .outputs import describe_oserror, environment_error
+        fix = environment_error(e)
+        if fix is None:
+            raise
+        print(f"attnprobe {args.command}: error: {describe_oserror(e)}; {fix}. {_how_to_continue(args)}",
+              file=sys.stderr, flush=True)  # on every rank that meets it: ranks write different files
+        return 2
     return 0
 
 

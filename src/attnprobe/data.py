@@ -2,6 +2,7 @@
 teacher's classes, and the teacher-normalised transforms every image goes through."""
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import warnings
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import datasets, transforms
 
 from .errors import AttnprobeError
@@ -24,28 +25,72 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
+def is_hidden(name: str) -> bool:
+    """Names starting with '.' (.ipynb_checkpoints, .DS_Store, macOS's ._x.jpg) are never classes or images."""
+    return name.startswith(".")
+
+
+def class_folders(root) -> list[str]:
+    """The class names of a folder of class folders: its sub-folders, sorted, hidden ones left out."""
+    return sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not is_hidden(d.name))
+
+
 def iter_images(root) -> Iterator[str]:
     """Image files under root, recursively, as '/'-separated paths relative to root, in sorted order.
+    Hidden files and folders (names starting with '.') are left out.
 
-    Walks with os.scandir in sorted order so a million-file tree streams without a second copy."""
+    A sub-folder that cannot be listed (no permission, or a symlink back to a folder above it) does not end
+    the walk: it is yielded as 'rel/' (trailing slash), and the pass that reads the files reports it with
+    the reason among the skipped files (ImageList). Walks with os.scandir in sorted order so a million-file
+    tree streams without a second copy."""
     root = os.fspath(root)
 
-    def walk(rel):
-        with os.scandir(os.path.join(root, rel) if rel else root) as it:
-            entries = sorted(it, key=lambda e: e.name)
+    def walk(rel, above):
+        try:
+            with os.scandir(os.path.join(root, rel) if rel else root) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            if not rel:
+                raise AttnprobeError(f"image folder {root} cannot be listed ({e.strerror or e}); "
+                                     "check its permissions") from None
+            yield f"{rel}/"
+            return
         for e in entries:
+            if is_hidden(e.name):
+                continue
             path = f"{rel}/{e.name}" if rel else e.name
             if e.is_dir(follow_symlinks=True):
-                yield from walk(path)
+                try:
+                    st = os.stat(e.path)
+                    key = (st.st_dev, st.st_ino)
+                except OSError:
+                    yield f"{path}/"
+                    continue
+                if key in above:  # a symlink back to a folder above: would never end
+                    yield f"{path}/"
+                    continue
+                yield from walk(path, above | {key})
             elif is_image_file(e.name):
                 yield path
-    yield from walk("")
+    try:
+        st = os.stat(root)
+        top = {(st.st_dev, st.st_ino)}
+    except OSError:
+        top = set()
+    yield from walk("", top)
+
+
+def _folder_failure(path) -> None:
+    """Raise the reason why a folder entry of `iter_images` ('rel/') was not read."""
+    with os.scandir(path):  # raises the listing's own error (PermissionError ...) if it still fails
+        pass
+    raise OSError("folder not read: it could not be listed, or it links back to a folder above it (symlink loop)")
 
 
 def _check_root(root) -> Path:
     root = Path(root)
     if not root.is_dir():
-        raise AttnprobeError(f"image folder {root} does not exist; pass a directory of images")
+        raise AttnprobeError(f"image folder {root} {'is a file, not a folder' if root.exists() else 'does not exist'}; pass the folder that holds the images")
     return root
 
 
@@ -108,6 +153,40 @@ class PathList:
         return h.hexdigest()
 
 
+# Decode limits, checked on the size a file declares in its header, before anything is decoded. Pillow's
+# own guard looks only at the pixel count; a 1 x 100000 strip passes it, and the shorter-side resize then
+# makes it 224 x 22,400,000. Larger or more elongated images are skipped as unreadable, with the reason.
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default decompression-bomb limit (about 9459 x 9459)
+MAX_IMAGE_SIDE = 40_000  # pixels, either side
+MAX_ASPECT = 100  # longer side / shorter side
+
+
+class ImageSizeError(ValueError):
+    """An image whose declared size is outside the decode limits (not decoded)."""
+
+
+def check_declared_size(size) -> None:
+    """Raise ImageSizeError if an image of `size` (width, height) is outside the decode limits."""
+    w, h = size
+    if (min(w, h) < 1 or max(w, h) > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS
+            or max(w, h) > MAX_ASPECT * min(w, h)):
+        raise ImageSizeError(f"declares {w} x {h} px, outside the decode limits (sides 1..{MAX_IMAGE_SIDE} px, "
+                             f"at most {MAX_IMAGE_PIXELS} px, aspect ratio at most {MAX_ASPECT}:1); not decoded")
+
+
+# EXIF orientation (tag 0x0112) -> the transpose that shows the image upright (as ImageOps.exif_transpose)
+_ORIENT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block does not make the pixels unreadable: show them as stored
+        return 1
+
+
 # Modes holding more than 8 bits per sample, and the value that maps to white in each.
 _WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": None}
 
@@ -130,9 +209,11 @@ def _to_8bit(img: Image.Image) -> Image.Image:
 def load_image(path, in_chans: int, size_hint: int | None = None) -> Image.Image:
     """Open an image as RGB (3 channels) or L (1 channel), whatever its mode.
 
-    Palettes, alpha (composited on black), CMYK, 16-bit and float images are converted properly; a
-    decompression-bomb-sized image raises PIL's DecompressionBombError before anything is decoded,
-    and truncated or corrupt files raise as PIL does. JPEGs much larger than needed are decoded at
+    Palettes, alpha (composited on black), CMYK, 16-bit and float images are converted properly; the
+    EXIF orientation is applied (the image comes out upright, as ImageOps.exif_transpose). A
+    decompression-bomb-sized image raises PIL's DecompressionBombError and one outside the decode limits
+    (check_declared_size: side, pixel count, aspect ratio) raises ImageSizeError, both before anything is
+    decoded; truncated or corrupt files raise as PIL does. JPEGs much larger than needed are decoded at
     reduced scale (draft mode: the result keeps both sides >= size_hint), the exact resize follows."""
     mode = "L" if in_chans == 1 else "RGB"
     with warnings.catch_warnings():
@@ -142,6 +223,7 @@ def load_image(path, in_chans: int, size_hint: int | None = None) -> Image.Image
         except Image.DecompressionBombWarning as e:
             raise Image.DecompressionBombError(str(e)) from None
     with img_file as img:
+        check_declared_size(img.size)
         if size_hint and img.format == "JPEG":
             img.draft(mode, (size_hint, size_hint))
         if img.mode in _WIDE_MODES:
@@ -150,7 +232,9 @@ def load_image(path, in_chans: int, size_hint: int | None = None) -> Image.Image
             img = img.convert("RGBA")  # resolve palettes and keep alpha for compositing below
             background = Image.new("RGBA", img.size, (0, 0, 0, 255))
             img = Image.alpha_composite(background, img)
-        return img.convert(mode)
+        img = img.convert(mode)
+        method = _ORIENT.get(_orientation(img_file))
+        return img.transpose(method) if method is not None else img
 
 
 def _size(info) -> int:
@@ -217,8 +301,35 @@ class ImageLoader:
         return img
 
 
+class Unreadable:
+    """What a dataset yields instead of (image, target) for a file it could not read: the path and the
+    reason. `collate_robust` takes them out of the batch; the engine's loops count and report them."""
+    __slots__ = ("path", "reason")
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = os.fspath(path), reason
+
+    def __reduce__(self):
+        return Unreadable, (self.path, self.reason)
+
+    def __repr__(self):
+        return f"Unreadable({self.path!r}, {self.reason!r})"
+
+
+def collate_robust(batch):
+    """default_collate for batches that may hold Unreadable items: without any, exactly default_collate's
+    [images, targets]; with some, [images, targets, [Unreadable, ...]] of the readable ones ([None, None,
+    [...]] when none is), so one bad file never ends an epoch."""
+    failed = [b for b in batch if isinstance(b, Unreadable)]
+    if not failed:
+        return default_collate(batch)
+    good = [b for b in batch if not isinstance(b, Unreadable)]
+    return [*(default_collate(good) if good else (None, None)), failed]
+
+
 class ImageList(Dataset):
     """Images given by path (relative to `root` if given); yields (tensor, index). Labels are ignored.
+    A file that cannot be read yields Unreadable(path, reason) instead (see collate_robust).
 
     With `skip_bad=True` (the wild pool) it yields (tensor or None, index, reason): an unreadable file
     gives None and the reason instead of raising; `collate_skipping` drops those from the batch."""
@@ -231,14 +342,26 @@ class ImageList(Dataset):
     def __len__(self):
         return len(self.paths)
 
+    def _path(self, i):
+        return os.path.join(self.root, self.paths[i]) if self.root is not None else self.paths[i]
+
+    def _read(self, path):
+        if os.fspath(path).endswith(("/", os.sep)):  # a folder iter_images could not list
+            _folder_failure(path)
+        return self.loader(path)
+
     def _load(self, i):
-        path = os.path.join(self.root, self.paths[i]) if self.root is not None else self.paths[i]
-        img = self.loader(path)
+        img = self._read(self._path(i))
         return self.transform(img) if self.transform else img
 
     def __getitem__(self, i):
         if not self.skip_bad:
-            return self._load(i), i
+            path = self._path(i)
+            try:
+                img = self._read(path)
+            except Exception as e:  # one bad file must not end the run: skipped and reported
+                return Unreadable(path, failure_reason(e))
+            return (self.transform(img) if self.transform else img), i
         try:
             self.paths[i].encode("utf-8")  # the score table stores UTF-8: a name that is not is a failure too
             return self._load(i), i, ""
@@ -262,20 +385,50 @@ def collate_skipping(batch):
     return images, torch.tensor([i for _, i in good], dtype=torch.long), failed
 
 
+def _visible_image(root: str, path: str) -> bool:
+    """An image file with no hidden part (name starting with '.') below `root`."""
+    rel = os.path.relpath(path, root)
+    return is_image_file(path) and not any(is_hidden(part) for part in Path(rel).parts)
+
+
+class LabeledFolder(datasets.ImageFolder):
+    """ImageFolder without hidden classes or files; a file that cannot be read yields Unreadable(path,
+    reason) instead of (image, target), so that collate_robust drops it and the epoch goes on."""
+
+    def find_classes(self, directory):
+        classes = class_folders(directory)
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        try:
+            img = self.loader(path)
+        except Exception as e:  # one bad file must not end the run: skipped and reported
+            return Unreadable(path, failure_reason(e))
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+
 def labeled_folder(root, classes: list[str], transform, in_chans: int, cache: bool = False) -> datasets.ImageFolder:
     """An ImageFolder whose class folders must be exactly the teacher's classes; targets are the
-    teacher's class indices. `cache`: keep the decoded images in memory (see ImageLoader)."""
+    teacher's class indices. Hidden folders and files (names starting with '.') are left out; an
+    unreadable image is skipped (LabeledFolder). `cache`: keep the decoded images in memory (see ImageLoader)."""
     root = Path(root)
     if not root.is_dir():
         raise AttnprobeError(f"labeled folder {root} does not exist; pass a folder of class folders")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir())
+    found = class_folders(root)
     if sorted(found) != sorted(classes):
         missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
         raise AttnprobeError(f"classes of {root} are not the model's (missing {missing[:5]}, unexpected {extra[:5]}); "
                              "pass a folder with one sub-folder per class of the teacher")
     try:
-        ds = datasets.ImageFolder(root, transform=transform,
-                                  loader=ImageLoader(in_chans, cache=cache), is_valid_file=is_image_file)
+        ds = LabeledFolder(root, transform=transform, loader=ImageLoader(in_chans, cache=cache),
+                           is_valid_file=functools.partial(_visible_image, os.fspath(root)))
     except FileNotFoundError as e:
         raise AttnprobeError(f"{root}: {e}; every class folder needs at least one image") from None
     index = {c: i for i, c in enumerate(classes)}
@@ -365,8 +518,10 @@ def make_loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int
                 drop_last: bool = False, sampler=None, batch_sampler=None, collate_fn=None,
                 pin_memory: bool | None = None) -> DataLoader:
     """A DataLoader with our defaults: pinned memory when CUDA is there (or as told), persistent
-    workers, a seeded generator. With `batch_sampler`, batch_size/shuffle/drop_last/sampler are unused."""
+    workers, a seeded generator, collate_robust (unreadable files dropped from their batch) unless
+    `collate_fn` is given. With `batch_sampler`, batch_size/shuffle/drop_last/sampler are unused."""
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+    collate_fn = collate_fn or collate_robust
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
                           pin_memory=pin, persistent_workers=workers > 0,

@@ -128,7 +128,9 @@ def run_demo(out="demo-out", quick: bool = False, cache=None, workers: int = 0, 
     original, test, wild = Path(bench["original_dir"]), Path(bench["test_dir"]), Path(bench["wild_dir"])
     labeled = _train_only_root(out, Path(bench["train_dir"]))  # chosen on a split of it, never on test
     # The whole benchmark is ~10 MB decoded: each image is read from disk once, not once per epoch.
-    common = dict(workers=workers, device="cpu", seed=seed, progress=progress, cache_images=workers == 0)
+    # overwrite: a rerun of the demo redoes its runs from scratch
+    common = dict(workers=workers, device="cpu", seed=seed, progress=progress, cache_images=workers == 0,
+                  overwrite=True)
 
     stage("teacher")
     teacher_info = train_teacher(labeled, model="ap_digits_teacher", epochs=cfg["teacher_epochs"], out=out / "teacher",

@@ -20,25 +20,26 @@ from .distributed import init_distributed, is_main, rank
 from .engine import DistillModel, distill_one_epoch, fidelity, predict
 from .errors import AttnprobeError
 from .losses import NoiseAdaptation
-from .models import build_model, describe, geometry, load_checkpoint, resolve_model
+from .models import build_model, describe, file_sha256, geometry, load_checkpoint, resolve_model
 from .probe import check_blocks, default_distill_blocks, map_blocks
 from .select import read_table
 from .train import (RunDir, _class_dir, _ddp, _eval_loader, _fit, _measure_top1, _restore_rng, _resume_state,
-                    _train_loader, lr_schedule, seed_everything)
+                    _train_loader, lr_schedule, recorded_settings, seed_everything)
 
 SELECT_ON = ("fidelity", "test")
 
 
 def _student(student: str, model_kwargs: dict | None, t_info: dict, teacher, probe_on: bool):
-    """The student as a timm model with the teacher's classes and input geometry (unless overridden)."""
-    arch, kwargs = resolve_model(student, model_kwargs)
-    kwargs.setdefault("img_size", t_info["img_size"])
-    kwargs.setdefault("in_chans", t_info["in_chans"])
+    """The student as a timm model with the teacher's classes and input geometry: a preset's own img_size
+    and in_chans are replaced by the teacher's; only img_size/in_chans given in `model_kwargs` override."""
+    arch, kwargs = resolve_model(student, model_kwargs, input_from=t_info)
     net = build_model(arch, kwargs, t_info["num_classes"])
     s_geo, t_geo = geometry(net), geometry(teacher)
     if (s_geo["img_size"], s_geo["in_chans"]) != (t_geo["img_size"], t_geo["in_chans"]):
+        given = " ".join(f"{k}={(model_kwargs or {})[k]!r}" for k in ("img_size", "in_chans") if k in (model_kwargs or {}))
         raise AttnprobeError(f"student input {s_geo['img_size']}px x{s_geo['in_chans']} differs from the teacher's "
-                             f"{t_geo['img_size']}px x{t_geo['in_chans']}; drop the img_size/in_chans overrides")
+                             f"{t_geo['img_size']}px x{t_geo['in_chans']}; drop --model-kwargs {given} (the student "
+                             "takes the teacher's input)")
     # Each model's CLS token is compared with its own patch tokens, so the prefix tokens may differ (a
     # distilled DeiT teacher has two); the patch grids must match token for token.
     if probe_on and s_geo["grid_size"] != t_geo["grid_size"]:
@@ -47,14 +48,22 @@ def _student(student: str, model_kwargs: dict | None, t_info: dict, teacher, pro
     return net, arch, kwargs
 
 
-def selected_paths(selection, wild) -> tuple[list[str], dict]:
-    """The selection's paths (checked to exist under the wild folder) and its JSON summary."""
-    df, _ = read_table(selection)
+def selected_paths(selection, wild, teacher_sha256: str | None = None) -> tuple[list[str], dict]:
+    """The selection's paths (checked to exist under the wild folder) and its JSON summary. With
+    `teacher_sha256`, a selection whose table records the teacher that scored it (score's metadata, carried
+    over by select) must have been scored by this teacher; a selection without the record passes."""
+    df, meta = read_table(selection)
     if "path" not in df.columns or df.empty:
         raise AttnprobeError(f"{selection} has no selected paths; pass the output of `attnprobe select`")
+    scored_by = meta.get("teacher_sha256") if isinstance(meta, dict) else None
+    if teacher_sha256 and scored_by and scored_by != teacher_sha256:
+        raise AttnprobeError(f"{selection} was scored with another teacher (sha256 {scored_by[:12]}..., this one is "
+                             f"{teacher_sha256[:12]}...); rescore with this teacher, or pass the teacher that scored "
+                             f"it{_scored_by(meta)}")
     wild = Path(wild)
     if not wild.is_dir():
-        raise AttnprobeError(f"wild folder {wild} does not exist; pass the folder that was scored")
+        what = "is a file, not a folder" if wild.exists() else "does not exist"
+        raise AttnprobeError(f"wild folder {wild} {what}; pass the folder of images that was scored")
     paths = df["path"].tolist()
     missing = [p for p in paths if not (wild / p).is_file()]
     if missing:
@@ -63,6 +72,11 @@ def selected_paths(selection, wild) -> tuple[list[str], dict]:
     summary_path = Path(selection).with_suffix(".json")
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return paths, summary
+
+
+def _scored_by(meta: dict) -> str:
+    teacher = meta.get("teacher")
+    return f" ({teacher})" if isinstance(teacher, str) and teacher else ""
 
 
 def _fidelity_measure(teacher_net, t_info: dict, held: list[str], resize: str, batch_size: int, workers: int,
@@ -88,7 +102,8 @@ def distill(teacher, wild, selection, *, out, test=None, student: str = "ap_digi
             noise_lr: float = 1e-3, robust: bool = False, teacher_acc: float | None = None,
             labeled=None, per_class: int = 0, flip: bool = True, workers: int = 2, device: str | None = None,
             seed: int = 0, resume=None, progress: bool = True, cache_images: bool = False,
-            resize: str = "crop", holdout: float | int = 0.1, select_on: str = "fidelity") -> dict:
+            resize: str = "crop", holdout: float | int = 0.1, select_on: str = "fidelity",
+            overwrite: bool = False) -> dict:
     """Train a student from scratch on the selected wild images with the teacher as the only supervision.
 
     `holdout`: the part of the selection held out to measure fidelity (top-1 agreement with the teacher)
@@ -114,10 +129,13 @@ def distill(teacher, wild, selection, *, out, test=None, student: str = "ap_digi
     if select_on == "test" and test is None:
         raise AttnprobeError("--select-on test chooses the epoch on the test set and needs --test; "
                              "without one, choose on fidelity")
+    from .settings import DistillSettings
+    settings = recorded_settings(DistillSettings, dict(locals()))  # the arguments, before any is reassigned
     device = init_distributed(device)
     progress = progress and is_main()
     seed_everything(seed)
     teacher_net, t_info = load_checkpoint(teacher, device)
+    teacher_sha256 = file_sha256(teacher)
     teacher_net.eval().requires_grad_(False)
     t_depth = geometry(teacher_net)["depth"]
     t_blocks = check_blocks(probe_blocks if probe_blocks else default_distill_blocks(t_depth), t_depth,
@@ -126,7 +144,7 @@ def distill(teacher, wild, selection, *, out, test=None, student: str = "ap_digi
     net = net.to(device)
     s_blocks = map_blocks(t_blocks, t_depth, geometry(net)["depth"])
 
-    paths, summary = selected_paths(selection, wild)
+    paths, summary = selected_paths(selection, wild, teacher_sha256)
     train_paths, held = split_holdout([os.path.join(wild, p) for p in paths], holdout, seed)
     train_ds = ImageList(train_paths, transform=train_transform(t_info, flip, resize=resize),
                          in_chans=t_info["in_chans"], cache=cache_images)
@@ -143,7 +161,11 @@ def distill(teacher, wild, selection, *, out, test=None, student: str = "ap_digi
 
     alpha = teacher_acc if teacher_acc is not None else t_info.get("accuracy")
     if noise_adaptation and not (alpha and 0 < alpha <= 1):
-        raise AttnprobeError("the teacher checkpoint has no measured accuracy; pass --teacher-acc (a fraction)")
+        if alpha is None:
+            raise AttnprobeError("the teacher checkpoint has no measured accuracy; pass --teacher-acc (a fraction, "
+                                 "e.g. 0.9665) or --no-noise-adaptation")
+        raise AttnprobeError(f"the teacher checkpoint's accuracy {alpha} is not a fraction in (0, 1] that noise "
+                             "adaptation can use; pass --teacher-acc (e.g. 0.9665) or --no-noise-adaptation")
     noise = NoiseAdaptation(t_info["num_classes"], alpha).to(device) if noise_adaptation else None
     weights = None
     if robust:
@@ -157,13 +179,15 @@ def distill(teacher, wild, selection, *, out, test=None, student: str = "ap_digi
     info = describe(net, arch, kwargs, t_info["classes"], t_info["mean"], t_info["std"], role="student",
                     teacher=os.path.abspath(teacher), selection=os.path.abspath(selection),
                     teacher_accuracy=t_info.get("accuracy"), resize=resize, selected_on=select_on,
-                    holdout=len(held))
-    run = RunDir(out, resume=bool(resume))
+                    holdout=len(held), teacher_sha256=teacher_sha256, settings=settings)
+    run = RunDir(out, resume=bool(resume), overwrite=overwrite)
     objects = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
     if noise:
         objects.update(noise=noise, noise_optimizer=optimizers[1])
     resumed = _resume_state(resume, run, objects, same={"holdout": (len(held), "--holdout"),
-                                                        "selected_on": (select_on, "--select-on")})
+                                                        "selected_on": (select_on, "--select-on"),
+                                                        "teacher_sha256": (teacher_sha256, "--teacher")},
+                            settings=settings)
     seed_everything(seed + rank())  # the data streams: distinct per process, fixed by the seed
     train_loader = _train_loader(train_ds, batch_size, workers, seed)
     measure_fidelity = _fidelity_measure(teacher_net, t_info, held, resize, batch_size, workers, device, progress,

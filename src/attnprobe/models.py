@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -45,6 +46,8 @@ def parse_model_kwargs(pairs: list[str] | None) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise AttnprobeError(f"--model-kwargs: {pair!r} is not key=value; write e.g. embed_dim=128")
+        if key in kwargs:
+            raise AttnprobeError(f"--model-kwargs: {key} is given twice ({key}={kwargs[key]!r} and {pair}); keep one")
         try:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -52,13 +55,73 @@ def parse_model_kwargs(pairs: list[str] | None) -> dict:
     return kwargs
 
 
-def resolve_model(name: str, overrides: dict | None = None) -> tuple[str, dict]:
-    """A preset or timm name plus overrides -> (timm architecture, constructor kwargs)."""
+# Constructor arguments of timm's VisionTransformer that take numbers, checked before timm sees them: timm
+# asserts, divides by zero or fails in the first forward instead of naming the argument.
+_WHOLE_KWARGS = {"img_size": 1, "patch_size": 1, "in_chans": 1, "embed_dim": 1, "depth": 1, "num_heads": 1,
+                 "reg_tokens": 0}  # name: smallest value
+_RATE_KWARGS = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
+                "drop_path_rate")  # in [0, 1)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_model_kwargs(kwargs: dict) -> None:
+    """Constructor kwargs checked where they enter: numbers where timm takes numbers, in range, and embed_dim
+    divisible by num_heads; one line naming the argument and the fix. Other keys are left to timm."""
+    def bad(key, what):
+        return AttnprobeError(f"--model-kwargs {key}={kwargs[key]!r}: {what}")
+    if "num_classes" in kwargs:
+        raise bad("num_classes", "the class count comes from the data's class folders (a student takes its "
+                                 "teacher's); drop it")
+    for key, least in _WHOLE_KWARGS.items():
+        if key not in kwargs:
+            continue
+        value = kwargs[key]
+        values = list(value) if key in ("img_size", "patch_size") and isinstance(value, (tuple, list)) else [value]
+        if not values or len(values) > 2 or not all(_whole(v) for v in values):
+            raise bad(key, f"expected a number (whole, e.g. {key}={max(least, 2) if key != 'embed_dim' else 128})")
+        if any(v < least for v in values):
+            raise bad(key, f"must be at least {least}" + (" (a ViT needs one block or more)" if key == "depth" else ""))
+    for key in ("mlp_ratio", "init_values", *_RATE_KWARGS):
+        value = kwargs.get(key)
+        if value is None:
+            continue
+        if not _number(value):
+            raise bad(key, "expected a number")
+        if not math.isfinite(value):
+            raise bad(key, "must be a finite number")
+        if key == "mlp_ratio" and value <= 0:
+            raise bad(key, "must be greater than 0")
+        if key in _RATE_KWARGS and not 0 <= value < 1:
+            raise bad(key, "must be a rate in [0, 1)")
+    embed, heads = kwargs.get("embed_dim"), kwargs.get("num_heads")
+    if _whole(embed) and _whole(heads) and embed % heads:
+        divisors = [d for d in range(1, embed + 1) if embed % d == 0]
+        near = sorted(divisors, key=lambda d: (abs(d - heads), d))[:2]
+        raise AttnprobeError(f"--model-kwargs: embed_dim {embed} is not divisible by num_heads {heads}; use a "
+                             f"num_heads that divides it (e.g. {' or '.join(map(str, sorted(near)))}) or another "
+                             "embed_dim")
+
+
+def resolve_model(name: str, overrides: dict | None = None, *, input_from: dict | None = None) -> tuple[str, dict]:
+    """A preset or timm name plus overrides -> (timm architecture, constructor kwargs).
+
+    `input_from` ({img_size, in_chans}, e.g. a teacher's info) replaces the preset's own input geometry: a
+    student takes its teacher's input; img_size/in_chans given in `overrides` still win."""
+    if not isinstance(name, str) or not name:
+        raise AttnprobeError(f"model {name!r}: expected a preset ({', '.join(PRESETS)}) or a timm ViT name")
     arch, kwargs = PRESETS.get(name, (name, {}))
     if arch not in timm.list_models():
         raise AttnprobeError(
             f"unknown model {name!r}; use a preset ({', '.join(PRESETS)}) or a timm ViT name such as vit_tiny_patch16_224")
-    return arch, {**kwargs, **(overrides or {})}
+    geometry_from = {k: input_from[k] for k in ("img_size", "in_chans") if input_from and k in input_from}
+    return arch, {**kwargs, **geometry_from, **(overrides or {})}
 
 
 def build_model(arch: str, model_kwargs: dict, num_classes: int, *, layer_norm_eps: float | None = None) -> nn.Module:
@@ -66,10 +129,16 @@ def build_model(arch: str, model_kwargs: dict, num_classes: int, *, layer_norm_e
 
     `layer_norm_eps` overrides every LayerNorm's eps: teachers imported from transformers use 1e-12 where
     timm uses 1e-6, and timm's constructor has no plain-value argument for it."""
+    check_model_kwargs(model_kwargs)
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_kwargs)
     except TypeError as e:
-        raise AttnprobeError(f"model {arch!r} does not take these --model-kwargs ({e}); fix the key names") from e
+        raise AttnprobeError(f"model {arch!r} does not take these --model-kwargs ({_first_line(e)}); fix the key "
+                             "names") from None
+    except (ValueError, AssertionError, KeyError, ZeroDivisionError) as e:  # timm's own checks of the values
+        shown = " ".join(f"{k}={v!r}" for k, v in model_kwargs.items())
+        raise AttnprobeError(f"model {arch!r} cannot be built with --model-kwargs {shown} ({_first_line(e)}); "
+                             "fix the values") from None
     check_vit(model, arch)
     if layer_norm_eps is not None:
         for module in model.modules():
@@ -84,6 +153,19 @@ def check_vit(model: nn.Module, name: str = "model") -> None:
     if not ok:
         raise AttnprobeError(f"{name} is not a timm VisionTransformer with a CLS token; pick a vit_*/deit_* model "
                              "with class_token=True")
+    if len(model.blocks) < 1:
+        raise AttnprobeError(f"{name} has no transformer blocks (depth 0); a ViT needs depth 1 or more, e.g. "
+                             "--model-kwargs depth=4")
+    pe = getattr(model, "patch_embed", None)
+    grid = list(getattr(pe, "grid_size", None) or [])
+    if grid and min(grid) < 1:
+        raise AttnprobeError(f"{name}: patch_size {list(pe.patch_size)} is larger than img_size {list(pe.img_size)}, "
+                             "so there are no patches; use a smaller patch_size or a larger img_size")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def geometry(model: nn.Module) -> dict:
@@ -122,7 +204,10 @@ def describe(model: nn.Module, arch: str, model_kwargs: dict, classes: list[str]
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """torch.save whole or not at all: write a temporary file in the same folder, fsync it, rename it over
-    `path`, fsync the folder. A kill at any point leaves either the old file or the new one, never a torn one."""
+    `path`, fsync the folder. A kill at any point leaves either the old file or the new one, never a torn one.
+    The file gets the usual mode of a new file (0666 less the umask). A failed write (no space, ...) is
+    raised as the OSError it is, naming `path`."""
+    from .outputs import with_path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -132,25 +217,32 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and with_path(e, path) is not e:
+            raise with_path(e, path) from None
         raise
     _fsync_dir(path.parent)
 
 
 def atomic_write_text(path, text: str) -> None:
-    """Write a text file whole or not at all: temp file in the same folder, fsync, rename."""
+    """Write a text file whole or not at all: temp file in the same folder, fsync, rename. The file gets
+    the usual mode of a new file (0666 less the umask), not mkstemp's 0600."""
+    from .outputs import default_mode, with_path
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, default_mode())
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and with_path(e, path) is not e:
+            raise with_path(e, path) from None
         raise
 
 
@@ -187,6 +279,10 @@ def save_checkpoint(path, model: nn.Module, info: dict, **state) -> None:
 def read_checkpoint(path) -> dict:
     """The raw checkpoint dict, after checking that it is one of ours."""
     path = Path(path)
+    if path.is_dir():
+        hint = next((f" such as {path / n}" for n in ("best.pt", "last.pt") if (path / n).is_file()), "")
+        raise AttnprobeError(f"checkpoint {path} is a folder, not a checkpoint file; pass a file{hint} (the best.pt "
+                             "or last.pt of a run)")
     if not path.is_file():
         raise AttnprobeError(f"checkpoint {path} does not exist; pass the best.pt or last.pt of a run")
     try:

@@ -160,7 +160,8 @@ def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_setti
             resume = student / "last.pt"
             stage(f"distill:{strategy}", distill_key, student / "best.pt",
                   lambda: distill(teacher, wild, selection, out=student, test=test, settings=distill_settings,
-                                  device=device, resume=str(resume) if resume.is_file() else None),
+                                  device=device, resume=str(resume) if resume.is_file() else None,
+                                  overwrite=not resume.is_file()),  # a cleared or never-saved student folder
                   clear=(student,))
             evaluation = folder / "evaluation.json"
             stage(f"evaluate:{strategy}", distill_key, evaluation,

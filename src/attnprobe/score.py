@@ -5,7 +5,10 @@ score table (path, pred, outlier = -log max softmax, probe_<b>, and probs when t
 The pass is built for large, dirty pools:
 
 - Robust: an unreadable file (truncated, empty, not an image, decompression bomb, ...) is skipped
-  and listed with its reason in `<out stem>.skipped.csv`; every readable one is scored.
+  and listed with its reason in `<out stem>.skipped.csv`; every readable one is scored. The CSV is
+  UTF-8: bytes of a file name that are not UTF-8 are written as backslash escapes (`\\xe9`).
+- One writer: a second `score` on the same `out` while one runs is refused (a lock on
+  `<out>.parts/.lock`, released when the process ends, however it ends).
 - Resumable: the sorted pool is cut into fixed chunks (`chunk_size` images). Each finished chunk is
   written atomically as `<out>.parts/<chunk>.parquet` (with its skipped list in the file's metadata);
   a restart with the same command skips finished chunks. `settings.json` in the parts folder ties
@@ -37,6 +40,7 @@ from . import distributed
 from .data import RESIZE_MODES, ImageList, PathList, collate_skipping, eval_transform, make_loader
 from .errors import AttnprobeError
 from .models import file_sha256, geometry, load_checkpoint
+from .outputs import parts_dir, skipped_path, with_path
 from .probe import HEAD_REDUCTIONS, BlockTaps, check_blocks, default_probe_blocks
 
 CHUNK_SIZE = 2048
@@ -244,13 +248,6 @@ def score_pool(teacher, info: dict, wild_dir, blocks: list[int] | None = None, h
 
 # ---------------------------------------------------------------- parts and the merged table
 
-def parts_dir(out) -> Path:
-    return Path(f"{os.fspath(out)}.parts")
-
-
-def skipped_path(out) -> Path:
-    out = Path(out)
-    return out.with_name(f"{out.stem}.skipped.csv")
 
 
 def _part(parts: Path, c: int) -> Path:
@@ -260,8 +257,12 @@ def _part(parts: Path, c: int) -> Path:
 def _write_part(parts: Path, c: int, table: pa.Table, skipped) -> None:
     meta = {PART_KEY: json.dumps({"chunk": c, "skipped": [list(s) for s in skipped]}).encode()}
     tmp = parts / f".{c:06d}.parquet.tmp{os.getpid()}"
-    pq.write_table(table.replace_schema_metadata(meta), tmp)
-    os.replace(tmp, _part(parts, c))
+    try:
+        pq.write_table(table.replace_schema_metadata(meta), tmp)
+        os.replace(tmp, _part(parts, c))
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise with_path(e, _part(parts, c)) from None
 
 
 def _finished(parts: Path, n_chunks: int) -> set[int]:
@@ -269,6 +270,41 @@ def _finished(parts: Path, n_chunks: int) -> set[int]:
         return set()
     names = {p.name for p in parts.iterdir()}
     return {c for c in range(n_chunks) if _part(parts, c).name in names}
+
+
+LOCK = ".lock"
+
+
+def _lock(parts: Path):
+    """(fd holding an exclusive flock on PARTS/.lock or None when another run holds it, whether the folder
+    was created here). The kernel drops the lock when the process ends, even on kill -9."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no guard
+        return -1, False
+    created = not parts.is_dir()
+    parts.mkdir(parents=True, exist_ok=True)
+    fd = os.open(parts / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None, created
+    return fd, created
+
+
+def _unlock(parts: Path, fd, created: bool) -> None:
+    """Release the lock; a parts folder this run created and left empty (it stopped early) is removed."""
+    if fd is None or fd < 0:
+        return
+    try:
+        if created and parts.is_dir() and {p.name for p in parts.iterdir()} <= {LOCK}:
+            (parts / LOCK).unlink(missing_ok=True)
+            parts.rmdir()
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _check_settings(parts: Path, settings: dict) -> None:
@@ -281,17 +317,45 @@ def _check_settings(parts: Path, settings: dict) -> None:
         old = {}
     diff = [k for k in GUARDED if old.get(k, GUARDED_DEFAULTS.get(k)) != settings[k]]
     if diff:
-        raise AttnprobeError(f"{parts} holds parts of an unfinished score run with other settings ({', '.join(diff)} "
-                             "differ: other teacher, pool or flags); rerun with that run's teacher, --wild, "
-                             "--blocks, --heads, --chunk-size, --amp and --resize to finish it, "
-                             f"or delete {parts} to start over")
+        changes = "; ".join(f"then {_guarded_text(k, old.get(k, GUARDED_DEFAULTS.get(k)))}, "
+                            f"now {_guarded_text(k, settings[k])}" for k in diff)
+        raise AttnprobeError(f"{parts} holds parts of an unfinished score run with other settings ({changes}); "
+                             "rerun with that run's teacher, --wild, --blocks, --heads, --chunk-size, --amp and "
+                             f"--resize to finish it, or delete {parts} to start over")
+
+
+def _guarded_text(key: str, value) -> str:
+    """A guarded setting of the parts folder as the user wrote it: `--chunk-size 64`, `teacher sha256 1a2b...`."""
+    if value is None:
+        return f"{key} (not recorded)"
+    if key.endswith("sha256"):
+        return f"{'teacher' if key.startswith('teacher') else 'pool'} sha256 {str(value)[:12]}..."
+    if key == "pool_size":
+        return f"a pool of {value} images"
+    if isinstance(value, bool):
+        return f"--{key.replace('_', '-')} {'on' if value else 'off'}"
+    if isinstance(value, list):
+        return f"--{key.replace('_', '-')} {' '.join(map(str, value))}"
+    return f"--{key.replace('_', '-')} {value}"
+
+
+def printable_path(path: str) -> str:
+    """A file name as valid UTF-8 text for `<stem>.skipped.csv`: each byte of the name that is not UTF-8
+    is written as a backslash escape (a Latin-1 `café.jpg` becomes the text `caf\\xe9.jpg`), so that
+    pandas.read_csv and any UTF-8 reader open the file."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _atomic_text(path: Path, write) -> None:
+    """A UTF-8 text file written whole or not at all (temporary file, then rename); mode as any new file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise with_path(e, path) from None
 
 
 def merge_parts(parts: Path, n_chunks: int, out, meta: dict, schema: pa.Schema) -> dict:
@@ -315,7 +379,7 @@ def merge_parts(parts: Path, n_chunks: int, out, meta: dict, schema: pa.Schema) 
             md = pq.read_metadata(_part(parts, c))
             scored += md.num_rows
             part = json.loads(md.metadata[PART_KEY])
-            w.writerows(part["skipped"])
+            w.writerows([printable_path(p), reason] for p, reason in part["skipped"])
             skipped += len(part["skipped"])
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_text(skipped_path(out), write_skipped)
@@ -324,15 +388,19 @@ def merge_parts(parts: Path, n_chunks: int, out, meta: dict, schema: pa.Schema) 
     schema = schema.with_metadata({META_KEY: json.dumps(meta).encode()})
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     buffer, rows = [], 0
-    with pq.ParquetWriter(tmp, schema) as writer:
-        for c in range(n_chunks):
-            t = pq.read_table(_part(parts, c)).replace_schema_metadata(None)
-            buffer.append(t)
-            rows += len(t)
-            if rows >= MERGE_ROWS or c == n_chunks - 1:
-                writer.write_table(pa.concat_tables(buffer).cast(schema))
-                buffer, rows = [], 0
-    os.replace(tmp, out)
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for c in range(n_chunks):
+                t = pq.read_table(_part(parts, c)).replace_schema_metadata(None)
+                buffer.append(t)
+                rows += len(t)
+                if rows >= MERGE_ROWS or c == n_chunks - 1:
+                    writer.write_table(pa.concat_tables(buffer).cast(schema))
+                    buffer, rows = [], 0
+        os.replace(tmp, out)
+    except OSError as e:  # the parts stay: a rerun merges again
+        tmp.unlink(missing_ok=True)
+        raise with_path(e, out) from None
     # remove the parts before the settings: a kill in between leaves a folder that still resumes correctly
     for c in range(n_chunks):
         _part(parts, c).unlink(missing_ok=True)
@@ -368,9 +436,14 @@ def score(teacher, wild, out, *, blocks=None, heads: str = "first", batch_size: 
                 "blocks": blocks, "heads": heads, "chunk_size": chunk_size, "amp": bool(amp),
                 "resize": resize}
     meta = {"num_classes": info["num_classes"], "classes": info["classes"], "blocks": blocks, "heads": heads,
-            "resize": resize, "wild": os.path.abspath(wild), "teacher": os.path.abspath(teacher)}
+            "resize": resize, "wild": os.path.abspath(wild), "teacher": os.path.abspath(teacher),
+            "teacher_sha256": settings["teacher_sha256"]}
 
+    lock, created = _lock(parts) if rank == 0 else (-1, False)
     try:
+        if not distributed.all_gather_object(lock is not None)[0]:
+            raise AttnprobeError(f"another `attnprobe score` is writing {out} (it holds {parts / LOCK}); wait for "
+                                 "it to finish, or pass another --out")
         views = distributed.all_gather_object({k: settings[k] for k in GUARDED})
         if any(v != views[0] for v in views):
             raise AttnprobeError("the processes of this run see different teachers, pools or flags; give every "
@@ -393,6 +466,8 @@ def score(teacher, wild, out, *, blocks=None, heads: str = "first", batch_size: 
             meta = merge_parts(parts, n_chunks, out, meta, table_schema(blocks, info["num_classes"] <= MAX_STORED_CLASSES))
         meta = distributed.all_gather_object(meta)[0]  # every rank waits for the merge; rank 0's summary
     finally:
+        if rank == 0:
+            _unlock(parts, lock, created)
         if joined_here:
             distributed.cleanup()
     return {**meta, "rows": meta["scored"], "resumed_chunks": len(done), "chunks": n_chunks,

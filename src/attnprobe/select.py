@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from .errors import AttnprobeError
 from .losses import class_weights
+from .outputs import with_path
 from .score import META_KEY
 
 STRATEGIES = ("attnprobe", "dfnd", "probe", "random")
@@ -36,8 +37,14 @@ def write_table(df: pd.DataFrame, path, meta: dict) -> None:
     table = pa.Table.from_pandas(df, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp)  # a new file: mode 0666 less the umask, as any other output
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise with_path(e, path) from None
+        raise
 
 
 def read_table(path) -> tuple[pd.DataFrame, dict]:

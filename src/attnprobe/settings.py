@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import math
+import numbers
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -32,16 +34,20 @@ _POSITIVE = (lambda v: v > 0, "greater than 0")
 _AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 _NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
 _FRACTION = (lambda v: 0 < v <= 1, "a fraction in (0, 1], e.g. 0.9665")
+_BLOCK = (lambda v: v >= 0, "0 or more: blocks are counted from 0")
 
 
 class Settings:
     """Shared behaviour: every value checked on construction, one line naming the flag on failure."""
 
     def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
         for f in fields(self):
             value, meta = getattr(self, f.name), f.metadata
             if value is None:
                 continue
+            value = _checked_type(f, value, *_base_type(hints[f.name]))
+            setattr(self, f.name, value)
             values = value if isinstance(value, list) else [value]
             if meta.get("choices") and any(v not in meta["choices"] for v in values):
                 raise AttnprobeError(f"{flag_name(f)} {_show(value)} is not one of {', '.join(map(str, meta['choices']))}")
@@ -69,6 +75,38 @@ class Settings:
     def result_settings(self) -> dict:
         """The settings that change the stage's result (what `run` compares to reuse a stage)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("runtime")}
+
+
+_EXPECTED = {int: "a whole number", float: "a number", bool: "True or False"}
+
+
+def _checked_type(f, value, kind, is_list: bool):
+    """`value` (not None) checked against the field's type: whole numbers for int fields, finite numbers for
+    float fields (an int is a number too), True/False for flags, a list (or tuple) of those for list fields,
+    a dict with names as keys for model kwargs (their values: models.check_model_kwargs). Str fields are
+    left to their choices (paths and devices may come as Path or torch.device objects from Python)."""
+    if kind is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise AttnprobeError(f"{flag_name(f)} {value!r}: expected key=value pairs (a dict with names as keys)")
+        from .models import check_model_kwargs  # lazy: models imports torch and timm
+        check_model_kwargs(value)
+        return value
+    if is_list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise AttnprobeError(f"{flag_name(f)} {value!r}: expected a list of {_EXPECTED.get(kind, 'values')}s")
+    for v in value if is_list else [value]:
+        if kind is bool and not isinstance(v, bool):
+            raise AttnprobeError(f"{flag_name(f)} {v!r}: expected True or False")
+        if kind is int and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+            raise AttnprobeError(f"{flag_name(f)} {v!r}: expected a whole number")
+        if kind is float:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise AttnprobeError(f"{flag_name(f)} {v!r}: expected a number")
+            if not math.isfinite(v):
+                raise AttnprobeError(f"{flag_name(f)} {v}: must be a finite number")
+    return value
 
 
 def _show(value) -> str:
@@ -104,7 +142,7 @@ _TRAIN_BATCH_HELP = ("images per step on each process: under torchrun the global
 @dataclass(kw_only=True)
 class ScoreSettings(Settings):
     blocks: list[int] | None = setting(None, "0-based blocks to probe (default: 1/3, 2/3 depth)",
-                                       check=_NOT_NEGATIVE)
+                                       check=_BLOCK)
     heads: str = setting("first", "head reduction of the probe: head 0 (the reference) or the mean",
                          choices=("first", "mean"))
     resize: str = _resize()
@@ -150,6 +188,9 @@ class _TrainSettings(Settings):
     resume: str | None = setting(None, "continue a stopped run where it stopped: weights, optimizer, LR schedule, "
                                        "noise adaptation, best score, random state; with the same seed the result "
                                        "equals an uninterrupted run", runtime=True, metavar="RUN/last.pt")
+    overwrite: bool = setting(False, "start over in a --out folder that already holds a run (its metrics.jsonl, "
+                                     "best.pt and last.pt are replaced); without it (or --resume) such a folder "
+                                     "is refused", runtime=True)
     workers: int = _workers()
     device: str | None = _device()
     progress: bool = _progress()
@@ -168,6 +209,17 @@ class TeacherSettings(_TrainSettings):
                                             "validation split, when there is no val/",
                                       check=(lambda v: 0 < v < 1, "a fraction in (0, 1)"))
 
+    def __post_init__(self):
+        super().__post_init__()
+        _check_model(self.model, self.model_kwargs)
+
+
+def _check_model(name: str, model_kwargs: dict) -> None:
+    """The model name known and its constructor kwargs (the preset's merged with --model-kwargs) consistent,
+    before any work starts; build_model checks them again with the final input geometry."""
+    from .models import check_model_kwargs, resolve_model  # lazy: models imports torch and timm
+    check_model_kwargs(resolve_model(name, model_kwargs)[1])
+
 
 @dataclass(kw_only=True)
 class DistillSettings(_TrainSettings):
@@ -178,7 +230,7 @@ class DistillSettings(_TrainSettings):
     temperature: float = setting(4.0, "KD temperature", check=_POSITIVE)
     probe_weight: float = setting(0.8, "weight of the probe-distillation loss (0: off)", check=_NOT_NEGATIVE)
     probe_blocks: list[int] | None = setting(None, "teacher blocks (0-based) whose outputs are matched; student "
-                                                   "blocks mapped proportionally", check=_NOT_NEGATIVE)
+                                                   "blocks mapped proportionally", check=_BLOCK)
     probe_variant: str = setting("cosine", "CLS-to-patch similarity: cosine (channel axis) or reference (the "
                                            "reference code's token-axis normalisation)",
                                  choices=("cosine", "reference"))
@@ -205,6 +257,7 @@ class DistillSettings(_TrainSettings):
         if (self.per_class > 0) != (self.labeled is not None):
             raise AttnprobeError("--labeled and --per-class go together: pass both (a folder and a count per class) "
                                  "or neither")
+        _check_model(self.student, self.model_kwargs)
 
 
 @dataclass(kw_only=True)

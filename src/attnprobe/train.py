@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -16,7 +18,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from .data import eval_transform, labeled_folder, make_loader, split_dir, stratified_split, train_transform
+from .data import (class_folders, collate_robust, eval_transform, labeled_folder, make_loader, split_dir,
+                   stratified_split, train_transform)
 from .distributed import all_gather_object, barrier, init_distributed, is_main, rank, world_size
 from .engine import evaluate, train_one_epoch
 from .errors import AttnprobeError
@@ -60,14 +63,19 @@ class RunDir:
     writes; on the others every method is a no-op. Checkpoints are written whole or not at all (temp
     file, fsync, rename) and each metrics row is appended with one write of one whole line."""
 
-    def __init__(self, out, resume: bool = False):
+    def __init__(self, out, resume: bool = False, overwrite: bool = False):
+        """A folder that already holds a run (metrics.jsonl, best.pt or last.pt) is refused unless `resume`
+        (continue it) or `overwrite` (start over: its metrics and checkpoints are removed here)."""
+        from .outputs import RUN_FILES, check_run_folder
         self.path = Path(out)
         self.main = is_main()
         self.metrics = self.path / "metrics.jsonl"
+        check_run_folder(self.path, resume=resume, overwrite=overwrite)  # on every rank: all refuse alike
         if self.main:
             self.path.mkdir(parents=True, exist_ok=True)
-            if not resume and self.metrics.exists():
-                self.metrics.unlink()
+            if not resume:
+                for name in RUN_FILES:
+                    (self.path / name).unlink(missing_ok=True)
             for stale in self.path.glob(".*.pt.tmp*"):  # left by a run killed while saving a checkpoint
                 stale.unlink(missing_ok=True)
 
@@ -121,16 +129,89 @@ def set_rng_state(state: dict, loader_generator: torch.Generator | None = None) 
         loader_generator.set_state(state["loader"])
 
 
-def _resume_state(resume, run: RunDir, objects: dict, same: dict | None = None) -> dict:
+def recorded_settings(cls, values: dict) -> dict:
+    """The settings of `cls` (a settings.py dataclass) that change the training, from `values` (a training
+    function's arguments): what a checkpoint records as info["settings"] and a resume must repeat."""
+    from dataclasses import fields
+    recorded = {f.name: _plain(values[f.name]) for f in fields(cls)
+                if not f.metadata.get("runtime") and f.name in values}
+    if recorded.get("model_kwargs", {}) is None:  # None and {} both mean: no overrides
+        recorded["model_kwargs"] = {}
+    return recorded
+
+
+def _plain(value):
+    """Plain Python values, recursively (what a checkpoint's info holds, so that it loads with weights_only,
+    and compares): tuples as lists, paths as strings, numpy numbers as int/float."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (bool, str, type(None))):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+def _setting_text(name: str, value) -> str:
+    """A recorded setting as the user wrote it: `--lr 0.001`, `--model-kwargs depth=3`, `noise adaptation off`."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"{name.replace('_', ' ')} {'on' if value else 'off'}"
+    if value is None:
+        return f"no {flag}"
+    if isinstance(value, dict):
+        return f"{flag} " + (" ".join(f"{k}={v!r}" for k, v in value.items()) or "(none)")
+    if isinstance(value, list):
+        return f"{flag} " + " ".join(map(str, value))
+    return f"{flag} {value}"
+
+
+def _check_resumed_settings(resume, old: dict, new: dict, done: int) -> None:
+    """A resumed run keeps the settings it was started with: any recorded setting that differs is refused,
+    naming the setting and its old value. --epochs may change only where the learning rate does not depend
+    on it (the step schedule; a cosine schedule is laid out over the run's epochs, so extending a finished
+    cosine run would restart from lr 0), and never to no more than the epochs already trained."""
+    for name, now in new.items():
+        if name == "epochs" or name not in old or _plain(old[name]) == _plain(now):
+            continue
+        raise AttnprobeError(f"{resume} was run with {_setting_text(name, old[name])}, this run has "
+                             f"{_setting_text(name, now)}; a resumed run keeps its settings: pass the same ones, "
+                             "or start a new run in another --out")
+    before, epochs = old.get("epochs"), new.get("epochs")
+    if before is None or epochs is None or before == epochs:
+        return
+    if new.get("schedule", "cosine") == "cosine":
+        raise AttnprobeError(f"{resume} is a {before}-epoch run whose cosine schedule ends at epoch {before}: "
+                             f"--epochs must stay {before} on resume; to train longer, start a new run in another "
+                             "--out with more --epochs (or --schedule step, which does not depend on --epochs)")
+    if epochs <= done:
+        raise AttnprobeError(f"{resume} has already trained {done + 1} epochs; --epochs {epochs} leaves none to "
+                             f"train: pass more than {done + 1}, or {before} as the run was started")
+
+
+def _resume_state(resume, run: RunDir, objects: dict, same: dict | None = None, settings: dict | None = None) -> dict:
     """Restore model/optimizer/scheduler/noise state from RUN/last.pt into `objects` and put back
     metrics.jsonl as the checkpoint saw it (each finished epoch once). `same`: settings (info keys) that
     must not change on resume, as {key: (value now, the flag that sets it)}; checkpoints without a key pass.
+    `settings` (recorded_settings): compared with the ones the checkpoint records (info["settings"]), see
+    _check_resumed_settings; checkpoints from before settings were recorded are compared on `same` alone.
 
     Returns {"start": next epoch, "history": metrics rows, "rng": per-rank RNG states or None}; a fresh
     run when `resume` is falsy. The best epoch so far is found again in the history (see _best_row)."""
     if not resume:
         return {"start": 0, "history": [], "rng": None}
     ckpt = read_checkpoint(resume)
+    old_settings = ckpt.get("info", {}).get("settings")
+    if (settings is not None and isinstance(old_settings, dict) and isinstance(ckpt.get("epoch"), int)
+            and (set(old_settings) <= set(settings) or set(settings) <= set(old_settings))):
+        # the same kind of run, perhaps of a version with fewer settings (a teacher's last.pt is refused below)
+        _check_resumed_settings(resume, old_settings, settings, ckpt["epoch"])
     for name, obj in objects.items():
         if name not in ckpt or "epoch" not in ckpt:
             raise AttnprobeError(f"{resume} has no {name} state to resume from; pass the last.pt of the same kind "
@@ -144,6 +225,8 @@ def _resume_state(resume, run: RunDir, objects: dict, same: dict | None = None) 
     for key, (now, flag) in (same or {}).items():
         before = ckpt.get("info", {}).get(key)
         if before is not None and before != now:
+            if key.endswith("sha256"):  # a file's identity: the start of the hash is enough to tell them apart
+                before, now = f"sha256 {before[:12]}...", f"sha256 {str(now)[:12]}..."
             raise AttnprobeError(f"{resume} was run with {flag} {before}, this run has {now}; resume with the "
                                  "same setting")
     done = ckpt["epoch"]
@@ -200,7 +283,7 @@ def _train_loader(dataset, batch_size: int, workers: int, seed: int):
     generator = torch.Generator().manual_seed(seed + rank())
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=len(sampler) > batch_size, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=False, generator=generator)
+                      persistent_workers=False, generator=generator, collate_fn=collate_robust)
 
 
 def _eval_loader(dataset, batch_size: int, workers: int):
@@ -258,10 +341,24 @@ def _fit(run: "RunDir", info: dict, objects: dict, resumed: dict, epochs: int, t
         run.save("last.pt", net, {**info, **chosen(row), "epoch": epoch, "best_epoch": best["epoch"]},
                  **_checkpoint_state(resumed, epoch, best, criterion, train_loader.generator, objects))
         run.log(row)
+        if is_main():  # one line per epoch, with or without progress bars (as timm and DeiT)
+            print(epoch_line(row, epochs, best is row), file=sys.stderr, flush=True)
     barrier()
     if best is None:  # no epoch was run
         return {**info, **chosen({}), "epoch": None, "best_epoch": None}
     return {**info, **chosen(best), "epoch": best["epoch"], "best_epoch": best["epoch"]}
+
+
+_LOSSES = (("train_loss", "loss"), ("loss", "loss"), ("kd", "kd"), ("noise", "noise"), ("probe", "probe"))
+_SCORES = (("fidelity", "fidelity"), ("val_top1", "val top-1"), ("test_top1", "test top-1"))
+
+
+def epoch_line(row: dict, epochs: int, best: bool = False) -> str:
+    """e.g. `epoch 3/10  loss 1.2340  kd 0.5012  fidelity 0.9120  test top-1 0.8500  lr 1.20e-04  12.3 s  -> best.pt`"""
+    parts = [f"epoch {row['epoch'] + 1}/{epochs}"]
+    parts += [f"{label} {row[key]:.4f}" for key, label in _LOSSES + _SCORES if row.get(key) is not None]
+    parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.1f} s"]
+    return "  ".join(parts) + ("  -> best.pt" if best else "")
 
 
 def train_teacher(data, *, out, test=None, model: str = "ap_digits_teacher", model_kwargs: dict | None = None,
@@ -269,7 +366,7 @@ def train_teacher(data, *, out, test=None, model: str = "ap_digits_teacher", mod
                   schedule: str = "cosine", warmup_epochs: int = 0, label_smoothing: float = 0.0,
                   flip: bool = True, affine: bool = False, mean=None, std=None, workers: int = 2,
                   device: str | None = None, seed: int = 0, resume=None, progress: bool = True,
-                  cache_images: bool = False, val_split: float | None = None) -> dict:
+                  cache_images: bool = False, val_split: float | None = None, overwrite: bool = False) -> dict:
     """Supervised training on DATA/train; best.pt is the epoch with the best top-1 on DATA/val, or with
     `val_split` (when there is no val/) on that fraction of DATA/train, held out per class with `seed`.
     `test`: a labeled folder of the classes measured every epoch (test_top1, test_top5) and never used to
@@ -278,27 +375,30 @@ def train_teacher(data, *, out, test=None, model: str = "ap_digits_teacher", mod
 
     Under torchrun each process trains on its shard of DATA/train with `batch_size` images per step
     (DistributedDataParallel); rank 0 alone writes RUN/."""
+    from .settings import TeacherSettings
+    settings = recorded_settings(TeacherSettings, dict(locals()))  # the arguments, before any is reassigned
     device = init_distributed(device)
     progress = progress and is_main()
     seed_everything(seed)
     train_dir = split_dir(data, "train")
-    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir())
+    classes = class_folders(train_dir)
     if not classes:
         raise AttnprobeError(f"{train_dir} has no class folders; expected train/<class>/<image>")
     arch, kwargs = resolve_model(model, model_kwargs)
     net = build_model(arch, kwargs, len(classes)).to(device)
     in_chans = geometry(net)["in_chans"]
     d_mean, d_std = default_norm(arch, in_chans)
-    info = describe(net, arch, kwargs, classes, mean or d_mean, std or d_std, role="teacher", val_split=val_split)
+    info = describe(net, arch, kwargs, classes, mean or d_mean, std or d_std, role="teacher", val_split=val_split,
+                    settings=settings)
     train_ds, val_ds = _train_val(data, classes, train_transform(info, flip, affine), eval_transform(info), in_chans,
                                   cache_images, val_split, seed)
     test_ds = None if test is None else labeled_folder(_class_dir(test, classes, "val"), classes, eval_transform(info),
                                                        in_chans, cache_images)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = lr_schedule(optimizer, schedule, epochs, warmup_epochs)
-    run = RunDir(out, resume=bool(resume))
+    run = RunDir(out, resume=bool(resume), overwrite=overwrite)
     objects = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
-    resumed = _resume_state(resume, run, objects, same={"val_split": (val_split, "--val-split")})
+    resumed = _resume_state(resume, run, objects, same={"val_split": (val_split, "--val-split")}, settings=settings)
     seed_everything(seed + rank())  # the data streams: distinct per process, fixed by the seed
     train_loader = _train_loader(train_ds, batch_size, workers, seed)
     eval_loaders = {"val": _eval_loader(val_ds, batch_size, workers)}
