@@ -71,3 +71,21 @@ def test_demo_without_its_extra_is_one_line(tmp_path, monkeypatch, capsys):
 def test_report_of_a_folder_without_results(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda r: "{not json", "damaged or incomplete (JSONDecodeError"),
+    (lambda r: "{}", "damaged or incomplete (KeyError: 'pool')"),
+    (lambda r: json.dumps({**r, "pool": {**r["pool"], "wild_dir": "/nonexistent/wild"}}), "the cache moved"),
+])
+def test_report_of_a_damaged_or_moved_demo_is_one_line(demo_run, tmp_path, capsys, damage, message):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(demo_run, run)
+    (run / "report.html").unlink()
+    results = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(damage(results))
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (run / "report.html").exists()

@@ -173,6 +173,22 @@ def findings(results: dict, aurocs: dict) -> list[str]:
     return out
 
 
+def _demo_results(run: Path) -> dict:
+    """results.json of a demo run, checked: readable, complete, and its benchmark images still there."""
+    try:
+        results = json.loads((run / "results.json").read_text())
+        wild, sources = Path(results["pool"]["wild_dir"]), Path(results["pool"]["sources_csv"])
+        if not isinstance(results["rows"], list) or not results["teacher"]["checkpoint"]:
+            raise ValueError("no rows or no teacher checkpoint")
+    except (ValueError, KeyError, TypeError) as e:
+        raise AttnprobeError(f"{run / 'results.json'} is damaged or incomplete ({type(e).__name__}: {e}); run "
+                             f"`attnprobe demo --out {run}` again to rebuild it") from None
+    if not (wild.is_dir() and sources.is_file()):
+        raise AttnprobeError(f"the benchmark images of {run} are no longer at {wild.parent} (the cache moved or was "
+                             f"cleared); run `attnprobe demo --out {run}` again (with --cache if it lives elsewhere)")
+    return results
+
+
 def write_report(run) -> Path:
     """Build RUN/report.html (self-contained) and RUN/figures/*.png from a finished demo run, or from an
     `attnprobe run` folder (config.json; see report_run.write_run_report)."""
@@ -183,7 +199,7 @@ def write_report(run) -> Path:
             return write_run_report(run)
         raise AttnprobeError(f"{run} has no results.json (a finished `attnprobe demo`) nor config.json (an "
                              "`attnprobe run` folder); pass the output folder of one of them")
-    results = json.loads((run / "results.json").read_text())
+    results = _demo_results(run)
     scores, meta = read_table(run / "scores.parquet")
     sources = pd.read_csv(results["pool"]["sources_csv"]).set_index("path").loc[scores.path]
     source, is_digit = sources["source"].reset_index(drop=True), (sources["label"] >= 0).to_numpy()
