@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +15,26 @@ CLASSES = ["hbar", "square", "vbar"]
 TINY_TEACHER = ["vit_tiny_patch16_224", {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 3,
                                           "num_heads": 2}]
 TINY_STUDENT = ["vit_tiny_patch16_224", {"patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2}]
+
+
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def cli(argv, **kw) -> subprocess.Popen:
+    """`attnprobe ARGV` in a subprocess on one thread (so that it can be killed), output captured."""
+    return subprocess.Popen([sys.executable, "-m", "attnprobe.cli", *argv], env=CLI_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def kill_after_first_epoch(proc: subprocess.Popen, metrics, timeout: float = 180) -> None:
+    """SIGKILL `proc` as soon as `metrics` (a metrics.jsonl) holds one finished epoch."""
+    deadline = time.time() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 1):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
 
 
 def shape_image(rng, cls: str, size: int = 16) -> Image.Image:

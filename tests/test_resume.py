@@ -1,12 +1,10 @@
 """Determinism, resuming after a SIGKILL, checkpoints that are never torn, and validation up front."""
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pandas as pd
@@ -19,9 +17,7 @@ from attnprobe.cli import main
 from attnprobe.models import read_checkpoint
 from attnprobe.select import write_table
 
-from .conftest import CLASSES, TINY_STUDENT, TINY_TEACHER, shape_image
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+from .conftest import CLASSES, CLI_ENV as ENV, TINY_STUDENT, TINY_TEACHER, cli, kill_after_first_epoch, shape_image
 
 
 def kwargs_args(kwargs):
@@ -55,11 +51,6 @@ def distill_argv(image_root, teacher_ckpt, selection, out, epochs, *extra):
             "--selection", str(selection), "--test", str(image_root / "data/val"), "--student", s_arch,
             *kwargs_args(s_kw), "--epochs", str(epochs), "--out", str(out), "--batch-size", "8", "--seed", "3",
             "--no-progress", *extra]
-
-
-def cli(argv, **kw):
-    return subprocess.Popen([sys.executable, "-m", "attnprobe.cli", *argv], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
 
 
 def finish(proc):
@@ -99,13 +90,7 @@ def test_distill_resumed_after_sigkill_equals_uninterrupted(image_root, teacher_
     whole = cli(argv("whole"))
     killed = cli(argv("killed"))
     metrics = tmp_path / "killed/metrics.jsonl"
-    deadline = time.time() + 180
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 1):
-        assert killed.poll() is None, killed.communicate()[1][-3000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
+    kill_after_first_epoch(killed, metrics)
     stopped_at = read_checkpoint(tmp_path / "killed/last.pt")["epoch"]
     assert stopped_at < epochs - 1, "the run finished before it was killed; make the epochs longer"
     finish(whole)

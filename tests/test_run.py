@@ -1,19 +1,13 @@
 """`attnprobe run`: the whole job in one folder, without labels; every stage reused when nothing changed,
 only the affected stages redone when a setting changed, and a killed run continued to the same student."""
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import torch
 
 from attnprobe.cli import main
 from attnprobe.models import read_checkpoint
 
-from .conftest import TINY_STUDENT
-
-ENV_THREADS = {"OMP_NUM_THREADS": "1"}
+from .conftest import TINY_STUDENT, cli, kill_after_first_epoch
 
 
 def run_argv(image_root, teacher_ckpt, out, *extra, epochs=3):
@@ -77,27 +71,15 @@ def test_run_with_test_set_measures_it_without_choosing_on_it(image_root, teache
     assert 0 <= evaluation["student"]["test_top1"] <= 1 and 0 <= evaluation["teacher"]["test_top1"] <= 1
 
 
-def _cli(argv):
-    import os
-    return subprocess.Popen([sys.executable, "-m", "attnprobe.cli", *argv], env={**os.environ, **ENV_THREADS},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def test_run_killed_during_distill_continues_to_the_uninterrupted_student(image_root, teacher_ckpt, tmp_path):
     epochs = 8
-    whole = _cli(run_argv(image_root, teacher_ckpt, tmp_path / "whole", epochs=epochs))
-    killed = _cli(run_argv(image_root, teacher_ckpt, tmp_path / "killed", epochs=epochs))
+    whole = cli(run_argv(image_root, teacher_ckpt, tmp_path / "whole", epochs=epochs))
+    killed = cli(run_argv(image_root, teacher_ckpt, tmp_path / "killed", epochs=epochs))
     metrics = tmp_path / "killed/attnprobe/student/metrics.jsonl"
-    deadline = time.time() + 180
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 1):
-        assert killed.poll() is None, killed.communicate()[1][-3000:]
-        assert time.time() < deadline
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.communicate()
+    kill_after_first_epoch(killed, metrics)
     first_rows = metrics.read_text().splitlines()
     assert len(first_rows) < epochs, "the run finished before it was killed; make the epochs longer"
-    for proc in (whole, _cli(run_argv(image_root, teacher_ckpt, tmp_path / "killed", epochs=epochs))):
+    for proc in (whole, cli(run_argv(image_root, teacher_ckpt, tmp_path / "killed", epochs=epochs))):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
     assert "distill:attnprobe: continuing" in err and "score: reused" in err

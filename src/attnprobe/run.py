@@ -141,7 +141,8 @@ def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_setti
             t0 = time.time()
             work()
             distributed.barrier()
-            stages.mark(name, key, "done", round(time.time() - t0, 2))
+            bar.took[name] = round(time.time() - t0, 2)  # the estimate for the stages of its kind still to come
+            stages.mark(name, key, "done", bar.took[name])
 
         stage("score", score_key, scores,
               lambda: score(teacher, wild, scores, settings=score_settings, device=device),
@@ -198,9 +199,10 @@ def _evaluate(teacher: Path, best: Path, test, out: Path, teacher_cache: Path, s
     from .train import evaluate_model
     loader = dict(batch_size=settings.batch_size, workers=settings.workers, progress=False)
 
-    def measured(ckpt) -> dict:
+    def measured(ckpt, keep=()) -> dict:
+        """Test accuracy and cost of a checkpoint, plus the info fields `keep` (loaded once)."""
         net, info = load_checkpoint(ckpt)
-        row = {"test_top1": None, "test_top5": None}
+        row = {**{k: info.get(k) for k in keep}, "test_top1": None, "test_top5": None}
         if test is not None:
             result = evaluate_model(net, info, test, **loader)
             row.update(test_top1=result["top1"], test_top5=result["top5"])
@@ -208,7 +210,7 @@ def _evaluate(teacher: Path, best: Path, test, out: Path, teacher_cache: Path, s
             row.update(model_cost(net, info))
         return row
 
-    student = {"fidelity": load_checkpoint(best)[1].get("fidelity"), **measured(best)}
+    student = measured(best, keep=("fidelity",))
     key = _key(file_sha256(teacher), str(test))
     cached = json.loads(teacher_cache.read_text()) if teacher_cache.is_file() else {}
     if cached.get("key") != key:  # the teacher is measured once per run, not once per strategy

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import math
 import numbers
+import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -83,14 +84,12 @@ _EXPECTED = {int: "a whole number", float: "a number", bool: "True or False"}
 def _checked_type(f, value, kind, is_list: bool):
     """`value` (not None) checked against the field's type: whole numbers for int fields, finite numbers for
     float fields (an int is a number too), True/False for flags, a list (or tuple) of those for list fields,
-    a dict with names as keys for model kwargs (their values: models.check_model_kwargs). Str fields are
+    a dict with names as keys for model kwargs (their values: _check_model). Str fields are
     left to their choices (paths and devices may come as Path or torch.device objects from Python)."""
     if kind is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise AttnprobeError(f"{flag_name(f)} {value!r}: expected key=value pairs (a dict with names as keys)")
-        from .models import check_model_kwargs  # lazy: models imports torch and timm
-        check_model_kwargs(value)
-        return value
+        return value  # the values: _check_model, merged with the model's preset
     if is_list:
         if isinstance(value, tuple):
             value = list(value)
@@ -267,14 +266,10 @@ class RunSettings(Settings):
                                     choices=("attnprobe", "dfnd", "probe", "random"))
 
 
-STAGES = {"score": ScoreSettings, "select": SelectSettings, "train-teacher": TeacherSettings,
-          "distill": DistillSettings}
-
-
 def _base_type(annotation):
     """(element type, is_list) of `int`, `float | None`, `list[int] | None`, ..."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args:
         annotation = args[0]
     if typing.get_origin(annotation) is list:
         return typing.get_args(annotation)[0], True
