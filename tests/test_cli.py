@@ -75,7 +75,8 @@ def test_selection_outputs(pipeline):
     sel, _ = read_table(pipeline / "sel.parquet")
     summary = json.loads((pipeline / "sel.json").read_text())
     assert len(sel) == 20 and sel.score.is_monotonic_increasing
-    assert summary["strategy"] == "attnprobe" and summary["num_select"] == 20 and summary["pool_size"] == 30
+    assert summary["strategy"] == "attnprobe-rank"  # the default
+    assert summary["num_select"] == 20 and summary["pool_size"] == 30
     assert sum(summary["pred_histogram"]) == 20 and sum(summary["class_weights"]) == pytest.approx(3)
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from attnprobe import evaluate
 from attnprobe.cli import main
 
 
@@ -14,49 +15,69 @@ def demo_run(tmp_path_factory):
     return root / "run"
 
 
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_quick_demo_results(demo_run):
+    from attnprobe.select import DEFAULT_SELECTION
     results = json.loads((demo_run / "results.json").read_text())
     names = [r["name"] for r in results["rows"]]
-    assert names == ["labels", "kd-original", "attnprobe", "dfnd", "probe", "random", "attnprobe-rank"]
+    paper = ["labels", "kd-original", "dafl", "dfnd", "attnprobe", "probe", "random"]
+    extra = [] if DEFAULT_SELECTION["name"] in paper else [DEFAULT_SELECTION["name"]]
+    assert names == paper + extra + ["all"] and results["default_selection"] == DEFAULT_SELECTION["name"]
     pool = results["pool"]
     assert pool["size"] == 1800 and pool["digits"] == 900
     teacher = results["teacher"]
     assert teacher["selected_on"] == "val" and teacher["test_top1"] == teacher["top1"]
-    t_rows = [json.loads(line) for line in (demo_run / "teacher/metrics.jsonl").read_text().splitlines()]
-    assert all(r["test_n"] == 500 for r in t_rows)
-    val_n = {r["val_n"] for r in t_rows}  # 10% of each digit's training images: about 150 of the 1,500
-    assert len(val_n) == 1 and 145 <= val_n.pop() <= 155
+    t_rows = read_jsonl(demo_run / "teacher/metrics.jsonl")
+    assert all("test_top1" not in r for r in t_rows)
+    val_n = {r["val_n"] for r in t_rows}  # 15% of each digit's training images: about 225 of the 1,500
+    assert len(val_n) == 1 and 220 <= val_n.pop() <= 230
     best = max(range(len(t_rows)), key=lambda e: (t_rows[e]["val_top1"], -e))  # chosen on val, never on test
     assert teacher["best_epoch"] == best and teacher["val_top1"] == t_rows[best]["val_top1"]
-    assert teacher["test_top1"] == t_rows[best]["test_top1"]
+    assert teacher["test_top1"] == evaluate(demo_run / "teacher/best.pt", pool["test_dir"], workers=0,
+                                            progress=False)["top1"]
+    steps = results["config"]["student"]["steps"]
     for r in results["rows"]:
-        assert 0.0 <= r["top1"] <= 1.0
-        rows = [json.loads(line) for line in (demo_run / f"student-{r['name']}/metrics.jsonl").read_text().splitlines()]
+        assert r["seeds"] == [0, 1] and len(r["test_top1"]) == 2
+        assert r["top1"] == pytest.approx(sum(r["test_top1"]) / 2)
+        assert r["top1_sd"] == pytest.approx(abs(r["test_top1"][0] - r["test_top1"][1]) / 2 ** 0.5)
+        assert r["relative_top1"] == pytest.approx(r["top1"] / teacher["top1"])
+        if r["name"] != "labels":  # equal compute: every run without labels takes the same optimizer steps
+            assert r["steps"] == steps
         key = "val_top1" if r["name"] == "labels" else "fidelity"
         assert r["selected_on"] == ("val" if r["name"] == "labels" else "fidelity")
-        assert r["best_epoch"] == max(range(len(rows)), key=lambda e: (rows[e][key], -e))
-        assert r["top1"] == rows[r["best_epoch"]]["test_top1"]  # reported at the chosen epoch
-        if r["kind"] == "selection":
-            assert all(x["fidelity_n"] == 40 for x in rows)  # 10% of the 400 selected
-        assert r["relative_top1"] == pytest.approx(r["top1"] / results["teacher"]["top1"])
+        for k, seed in enumerate(r["seeds"]):
+            run = demo_run / f"student-{r['name']}" / f"seed{seed}"
+            rows = read_jsonl(run / "metrics.jsonl")
+            assert r["best_epoch"][k] == max(range(len(rows)), key=lambda e: (rows[e][key], -e))
+            assert all("test_top1" not in x for x in rows)  # the test set plays no part in training or choosing
+            if r["kind"] == "selection":
+                assert all(x["fidelity_n"] == 40 for x in rows)  # 10% of the 400 selected
+        # ... and is measured once, on the chosen checkpoint
+        assert r["test_top1"][1] == evaluate(run / "best.pt", pool["test_dir"], workers=0, progress=False)["top1"]
         if r["kind"] == "selection":
             assert sum(r["composition"].values()) == results["config"]["num_select"]
-            digits = sum(n for s, n in r["composition"].items() if s in ("mnist_heldout", "sklearn_digits"))
-            assert r["precision"] == pytest.approx(digits / results["config"]["num_select"])
-    # a dozen epochs on 1,500 digits is far from trained (a ViT learns slowly), but well above chance (0.1)
-    assert results["teacher"]["top1"] > 0.25
-    assert results["student_params"] < results["teacher"]["params"] / 5
+    rows = {r["name"]: r for r in results["rows"]}
+    assert rows["all"]["composition"] == pool["by_source"]  # no selection: the whole pool
+    assert len(rows["random"]["selection"]) == 2 and len(rows["probe"]["selection"]) == 1  # random moves with the seed
+    digits = sum(n for s, n in rows["probe"]["composition"].items() if s in ("mnist_heldout", "sklearn_digits"))
+    assert rows["probe"]["precision"] == pytest.approx(digits / results["config"]["num_select"])
+    assert results["student_params"] == 116_938 and results["teacher"]["params"] == 205_066
 
 
 def test_report_is_self_contained_and_rebuilds(demo_run, capsys):
     html = (demo_run / "report.html").read_text()
-    assert "<table>" in html and html.count("data:image/png;base64,") == 9  # terms, 5 rankings, heatmaps, top-1, classes
+    n_figs = 4 + sum(r["kind"] == "selection" for r in json.loads((demo_run / "results.json").read_text())["rows"])
+    # score terms, a ranking per selection, heatmaps, top-1, class histograms
+    assert "<table>" in html and html.count("data:image/png;base64,") == n_figs
     assert "src='http" not in html and 'src="http' not in html
     for name in ("score_terms", "attention_probe", "top1", "class_histograms", "ranked_attnprobe"):
         assert (demo_run / "figures" / f"{name}.png").stat().st_size > 1000
     (demo_run / "report.html").unlink()
     assert main(["report", str(demo_run)]) == 0
-    assert (demo_run / "report.html").read_text().count("data:image/png;base64,") == 9
+    assert (demo_run / "report.html").read_text().count("data:image/png;base64,") == n_figs
 
 
 def test_demo_without_its_extra_is_one_line(tmp_path, monkeypatch, capsys):
@@ -66,6 +87,13 @@ def test_demo_without_its_extra_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'pip install "attnprobe[demo]"' in err[0] and "scikit-learn" in err[0], err
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_demo_jobs_checked_before_any_work(tmp_path, capsys):
+    assert main(["demo", "--quick", "--jobs", "0", "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--jobs 0: must be a whole number, at least 1" in err[0], err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
 
 
 def test_report_of_a_folder_without_results(tmp_path, capsys):

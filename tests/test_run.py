@@ -63,11 +63,11 @@ def test_run_without_labels_then_again_reuses_everything(image_root, teacher_ckp
 def test_run_with_test_set_measures_it_without_choosing_on_it(image_root, teacher_ckpt, tmp_path):
     out = tmp_path / "run"
     assert main(run_argv(image_root, teacher_ckpt, out, "--test", str(image_root / "data/val"))) == 0
-    rows = read_jsonl(out / "attnprobe/student/metrics.jsonl")
-    info = read_checkpoint(out / "attnprobe/student/best.pt")["info"]
+    rows = read_jsonl(out / "attnprobe-rank/student/metrics.jsonl")  # the default selection
+    info = read_checkpoint(out / "attnprobe-rank/student/best.pt")["info"]
     assert all("test_top1" in r and "fidelity" in r for r in rows)
     assert info["fidelity"] == max(r["fidelity"] for r in rows) and info["selected_on"] == "fidelity"
-    evaluation = json.loads((out / "attnprobe/evaluation.json").read_text())
+    evaluation = json.loads((out / "attnprobe-rank/evaluation.json").read_text())
     assert 0 <= evaluation["student"]["test_top1"] <= 1 and 0 <= evaluation["teacher"]["test_top1"] <= 1
 
 
@@ -75,19 +75,19 @@ def test_run_killed_during_distill_continues_to_the_uninterrupted_student(image_
     epochs = 8
     whole = cli(run_argv(image_root, teacher_ckpt, tmp_path / "whole", epochs=epochs))
     killed = cli(run_argv(image_root, teacher_ckpt, tmp_path / "killed", epochs=epochs))
-    metrics = tmp_path / "killed/attnprobe/student/metrics.jsonl"
+    metrics = tmp_path / "killed/attnprobe-rank/student/metrics.jsonl"
     kill_after_first_epoch(killed, metrics)
     first_rows = metrics.read_text().splitlines()
     assert len(first_rows) < epochs, "the run finished before it was killed; make the epochs longer"
     for proc in (whole, cli(run_argv(image_root, teacher_ckpt, tmp_path / "killed", epochs=epochs))):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
-    assert "distill:attnprobe: continuing" in err and "score: reused" in err
-    a = read_checkpoint(tmp_path / "whole/attnprobe/student/last.pt")
-    b = read_checkpoint(tmp_path / "killed/attnprobe/student/last.pt")
+    assert "distill:attnprobe-rank: continuing" in err and "score: reused" in err
+    a = read_checkpoint(tmp_path / "whole/attnprobe-rank/student/last.pt")
+    b = read_checkpoint(tmp_path / "killed/attnprobe-rank/student/last.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     rows = metrics.read_text().splitlines()
     assert rows[:len(first_rows)] == first_rows  # the finished epochs stay as they were
     strip = lambda rs: [{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in rs]  # noqa: E731
-    assert strip(rows) == strip((tmp_path / "whole/attnprobe/student/metrics.jsonl").read_text().splitlines())
+    assert strip(rows) == strip((tmp_path / "whole/attnprobe-rank/student/metrics.jsonl").read_text().splitlines())

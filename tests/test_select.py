@@ -32,6 +32,17 @@ def test_attnprobe_combined_score(table):
     assert summary["pred_histogram"] == [1, 1, 1]
 
 
+def test_attnprobe_rank_weighs_two_ranks_and_is_the_default():
+    df = pd.DataFrame({"path": list("abcd"), "pred": [0, 1, 0, 1], "outlier": [2.0, 0.5, 1.0, 0.1],
+                       "probe_1": [0.1, 0.4, 0.3, 0.2], "probe_2": [0.2, 0.1, 0.4, 0.3]})
+    # per-block ranks (fraction of the pool at or below): [.25 1 .75 .5] + [.5 .25 1 .75] = [.75 1.25 1.75 1.25],
+    # ranked again: [.25 .625 1 .625] (ties averaged); outlier's ranks [1 .5 .75 .25]; 0.3 and 0.7 of them:
+    np.testing.assert_allclose(strategy_scores(df, "attnprobe-rank"), [0.775, 0.5375, 0.825, 0.3625])
+    assert select_images(df, 3)[0].path.tolist() == ["d", "b", "a"]  # the default strategy
+    # the paper's weights (0.05 * probes + 0.9 * outlier = [1.815 .475 .935 .115]) let the outlier decide alone
+    assert select_images(df, 3, "attnprobe")[0].path.tolist() == ["d", "b", "c"]
+
+
 def test_dfnd_probe_and_weights(table):
     assert select_images(table, 2, "dfnd")[0].path.tolist() == ["a.png", "d.png"]
     assert select_images(table, 2, "probe")[0].path.tolist() == ["e.png", "b.png"]  # 0.3, 0.5

@@ -9,13 +9,16 @@ from .errors import AttnprobeError
 from .exporter import export
 from .imports import import_teacher
 from .models import atomic_write_text
-from .outputs import check_score_out, check_select_out, check_train_out
+from .outputs import check_out, check_score_out, check_select_out, check_train_out
 from .select import read_table, select_images, write_table
-from .settings import DistillSettings, ScoreSettings, SelectSettings, TeacherSettings
+from .settings import (DaflSettings, DistillSettings, ReshardSettings, ScoreSettings, SelectSettings,
+                       TeacherSettings)
+from .datafree import dafl as _dafl
 from .distillation import distill as _distill
 from .train import evaluate_checkpoint as evaluate, train_teacher as _train_teacher
 
-__all__ = ["prepare", "train_teacher", "score", "select", "distill", "evaluate", "import_teacher", "export"]
+__all__ = ["prepare", "train_teacher", "score", "select", "distill", "dafl", "reshard", "evaluate", "import_teacher",
+           "export"]
 
 
 def prepare(kind: str, src, out, progress: bool = True) -> dict:
@@ -51,9 +54,21 @@ def select(scores, *, out, settings: SelectSettings | None = None, **overrides) 
                                       meta.get("num_classes"))
     summary.update(scores=os.path.abspath(scores), classes=meta.get("classes"))
     out = Path(out)
+    from .shards import write_selection_uids
+    summary["uids_npy"] = write_selection_uids(selected, out)  # a shard pool's: DataComp's subset file
     write_table(selected, out, {**meta, "selection": summary})
     atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def reshard(selection, wild, *, out, settings: ReshardSettings | None = None, **overrides) -> dict:
+    """Copy the selected samples of the shard pool `wild` (all their members) into new tar shards in the folder
+    `out`, with `_stats.json` and the selection re-pointed at them (OUT/selection.parquet). Settings:
+    `ReshardSettings` (shard_size). Returns {shards, samples, members, out, selection}."""
+    from .reshard import reshard as _reshard
+    s = ReshardSettings.build(settings, **overrides)
+    check_out(out, kind="dir", example="resharded", inputs={"--selection": selection})
+    return _reshard(selection, wild, out, **s.asdict())
 
 
 def train_teacher(data, *, out, test=None, settings: TeacherSettings | None = None, **overrides) -> dict:
@@ -74,3 +89,13 @@ def distill(teacher, wild, selection, *, out, test=None, settings: DistillSettin
     check_train_out(out, resume=s.resume, overwrite=s.overwrite,
                     inputs={"--teacher": teacher, "--wild": wild, "--selection": selection, "--test": test})
     return _distill(teacher, wild, selection, out=out, test=test, **s.asdict())
+
+
+def dafl(teacher, *, out, test=None, settings: DaflSettings | None = None, **overrides) -> dict:
+    """Train a student from the teacher alone with DAFL (no images): a generator trained against the teacher
+    makes the student's KD batches. Settings: `DaflSettings` (student, epochs, iters_per_epoch, batch_size, lr,
+    generator_lr, temperature, w_oh, w_a, w_ie, ...). Writes OUT/best.pt (chosen on fidelity on generated
+    images), last.pt, metrics.jsonl; returns the chosen epoch's checkpoint info, with `steps`."""
+    s = DaflSettings.build(settings, **overrides)
+    check_train_out(out, resume=s.resume, overwrite=s.overwrite, inputs={"--teacher": teacher, "--test": test})
+    return _dafl(teacher, out=out, test=test, **s.asdict())

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 from .errors import AttnprobeError
-from .settings import (DistillSettings, RunSettings, ScoreSettings, SelectSettings, TeacherSettings, add_flags,
-                       from_args)
+from .settings import (DaflSettings, DistillSettings, ReshardSettings, RunSettings, ScoreSettings, SelectSettings,
+                       TeacherSettings, add_flags, from_args)
 
 D = argparse.ArgumentDefaultsHelpFormatter
+WILD_HELP = ("folder of unlabeled images (recursive), or tar shards (img2dataset/WebDataset): "
+             "'pool/{00000..00099}.tar', 'pool/*.tar' (quoted) or one .tar")
 
 
 def _common(p, batch_size, batch_help="images per batch (per process)"):
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", formatter_class=D, help="score every wild image with one teacher pass")
     p.add_argument("--teacher", required=True, help="teacher checkpoint")
-    p.add_argument("--wild", required=True, help="folder of unlabeled images (recursive)")
+    p.add_argument("--wild", required=True, help=WILD_HELP)
     p.add_argument("--out", required=True, help="score table (.parquet)")
     add_flags(p, ScoreSettings)
 
@@ -53,10 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="selection table (.parquet); summary written beside as .json")
     add_flags(p, SelectSettings)
 
+    p = sub.add_parser("reshard", formatter_class=D, help="copy the selected samples of a tar-shard pool (all their "
+                                                          "members) into new shards")
+    p.add_argument("--selection", required=True, help="selection (or score table) of a shard pool")
+    p.add_argument("--wild", required=True, help="the shards that were scored: 'pool/{00000..00099}.tar', "
+                                                 "'pool/*.tar' (quoted) or one .tar")
+    p.add_argument("--out", required=True, help="new folder: NNNNN.tar + NNNNN_stats.json, and selection.parquet "
+                                                "pointing into them")
+    add_flags(p, ReshardSettings)
+
     p = sub.add_parser("run", formatter_class=D, help="score, select, distill, evaluate and report in one folder; "
                                                       "reuses finished stages and continues stopped ones")
     p.add_argument("--teacher", required=True, help="teacher checkpoint")
-    p.add_argument("--wild", required=True, help="folder of unlabeled images (recursive)")
+    p.add_argument("--wild", required=True, help=WILD_HELP)
     p.add_argument("--out", required=True, help="run folder: config.json, stages.json, scores, one folder per "
                                                 "strategy, report.html")
     p.add_argument("--test", default=None, help="labeled folder of the teacher's classes: measured, never used to "
@@ -69,12 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", formatter_class=D, help="distill a student on the selected wild images")
     p.add_argument("--teacher", required=True)
-    p.add_argument("--wild", required=True)
+    p.add_argument("--wild", required=True, help=WILD_HELP)
     p.add_argument("--selection", required=True)
     p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.jsonl")
     p.add_argument("--test", default=None, help="labeled folder of the teacher's classes (e.g. ROOT/val): measured "
                                                 "every epoch, used to choose only with --select-on test")
     add_flags(p, DistillSettings)
+
+    p = sub.add_parser("dafl", formatter_class=D, help="DAFL: a student from the teacher alone, on images a "
+                                                       "generator learns to make (no data)")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, metrics.jsonl")
+    p.add_argument("--test", default=None, help="labeled folder of the teacher's classes (e.g. ROOT/val): measured "
+                                                "every epoch, never used to choose")
+    add_flags(p, DaflSettings)
 
     p = sub.add_parser("import-teacher", formatter_class=D,
                        help="a teacher from DeiT, timm, transformers or a state dict -> attnprobe checkpoint")
@@ -118,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $XDG_CACHE_HOME/attnprobe)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: the 28x28 images decode "
                    "faster in the training process than in workers on a small CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the benchmark and the teacher; the students "
+                   "use this seed and the next ones")
+    p.add_argument("--jobs", type=int, default=None, help="student trainings at once (default: one per CPU core, "
+                   "at most 8), each with its share of the cores")
 
     p = sub.add_parser("report", formatter_class=D, help="rebuild report.html of a demo or `attnprobe run` folder")
     p.add_argument("run_dir")
@@ -136,10 +158,15 @@ def check_outputs(args) -> None:
         o.check_train_out(args.out, resume=args.resume, overwrite=args.overwrite,
                           inputs={"--teacher": args.teacher, "--wild": args.wild, "--selection": args.selection,
                                   "--test": args.test})
+    elif cmd == "dafl":
+        o.check_train_out(args.out, resume=args.resume, overwrite=args.overwrite,
+                          inputs={"--teacher": args.teacher, "--test": args.test})
     elif cmd == "score":
         o.check_score_out(args.out, teacher=args.teacher, wild=args.wild)
     elif cmd == "select":
         o.check_select_out(args.out, scores=args.scores)
+    elif cmd == "reshard":
+        o.check_out(args.out, kind="dir", example="resharded", inputs={"--selection": args.selection})
     elif cmd == "run":
         o.check_out(args.out, kind="dir", example="RUN",
                     inputs={"--teacher": args.teacher, "--wild": args.wild, "--test": args.test})
@@ -176,7 +203,12 @@ def run(args) -> None:
                   f"(listed in {summary['skipped_csv']}) -> {args.out}")
     elif cmd == "select":
         summary = api.select(args.scores, out=args.out, settings=from_args(SelectSettings, args))
-        print(f"selected {summary['num_select']} of {summary['pool_size']} ({args.strategy}) -> {args.out}")
+        uids = f" (uids: {summary['uids_npy']})" if summary.get("uids_npy") else ""
+        print(f"selected {summary['num_select']} of {summary['pool_size']} ({args.strategy}) -> {args.out}{uids}")
+    elif cmd == "reshard":
+        r = api.reshard(args.selection, args.wild, out=args.out, settings=from_args(ReshardSettings, args))
+        print(f"copied {r['samples']} samples ({r['members']} members) into {r['shards']} shards -> {r['out']} "
+              f"(selection: {r['selection']})")
     elif cmd == "run":
         from .run import run as run_all
         result = run_all(args.teacher, args.wild, args.out, test=args.test, run_settings=from_args(RunSettings, args),
@@ -196,6 +228,9 @@ def run(args) -> None:
                                settings=from_args(DistillSettings, args))
         if _rank0():
             print(_student_line(info, args))
+    elif cmd == "dafl":
+        info = api.dafl(args.teacher, out=args.out, test=args.test, settings=from_args(DaflSettings, args))
+        print(f"{_student_line(info, args)} ({info['steps']} student steps)")
     elif cmd == "import-teacher":
         info = api.import_teacher(args.source, out=args.out, model=args.model, model_kwargs=_kwargs(args),
                                   classes=args.classes, mean=args.mean, std=args.std, val=args.val,
@@ -211,7 +246,7 @@ def run(args) -> None:
         print(f"exported {args.format}{diff} -> {args.out}")
     elif cmd == "demo":
         from .demo import run_demo
-        run_demo(args.out, args.quick, args.cache, args.workers, args.seed)
+        run_demo(args.out, args.quick, args.cache, args.workers, args.seed, jobs=args.jobs)
     elif cmd == "report":
         from .report import write_report
         print(f"report -> {write_report(args.run_dir)}")
@@ -247,7 +282,7 @@ def _student_line(info, args) -> str:
         how = f"chosen on test top-1 {acc} (optimistic: the test set chose it; fidelity {fid})"
     else:
         how = f"chosen on fidelity {fid}" + ("" if acc is None else f" (test top-1 {acc}, not used to choose)")
-    return f"student: {_chosen(info, args.epochs)} {how} -> {args.out}/best.pt"
+    return f"student: {_chosen(info, info.get('epochs') or args.epochs)} {how} -> {args.out}/best.pt"
 
 
 @contextlib.contextmanager
@@ -281,7 +316,7 @@ def _how_to_continue(args) -> str:
     cmd, out = args.command, getattr(args, "out", None)
     if cmd == "score":
         return (f"finished chunks are kept in {out}.parts/; rerun the same command to continue from them")
-    if cmd in ("train-teacher", "distill"):
+    if cmd in ("train-teacher", "distill", "dafl"):
         last = Path(out) / "last.pt"
         if args.resume and Path(args.resume).resolve() == last.resolve():
             return f"the finished epochs are kept in {last}; rerun the same command to continue"

@@ -95,6 +95,9 @@ def _check_root(root) -> Path:
 
 
 def _no_images(root):
+    if any(Path(root).glob("*.tar")):  # a pool of tar shards: they are named by a pattern, not by their folder
+        return AttnprobeError(f"image folder {root} holds tar shards, not images; pass the shards: "
+                              f"--wild '{os.path.join(root, '*.tar')}'")
     return AttnprobeError(f"image folder {root} holds no images ({', '.join(IMG_EXTENSIONS)}); "
                           "point to the folder that contains them")
 
@@ -335,9 +338,10 @@ class ImageList(Dataset):
     gives None and the reason instead of raising; `collate_skipping` drops those from the batch."""
 
     def __init__(self, paths, root=None, transform=None, in_chans: int = 3, size_hint=None,
-                 skip_bad: bool = False, cache: bool = False):
+                 skip_bad: bool = False, cache: bool = False, loader: ImageLoader | None = None):
         self.paths, self.root, self.transform, self.skip_bad = paths, root, transform, skip_bad
-        self.loader = ImageLoader(in_chans, size_hint, cache)
+        # `loader`: another source of the images by path (shards.MemberLoader: members of tar shards)
+        self.loader = loader if loader is not None else ImageLoader(in_chans, size_hint, cache)
 
     def __len__(self):
         return len(self.paths)

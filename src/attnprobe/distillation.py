@@ -23,8 +23,9 @@ from .losses import NoiseAdaptation
 from .models import build_model, describe, file_sha256, geometry, load_checkpoint, resolve_model
 from .probe import check_blocks, default_distill_blocks, map_blocks
 from .select import read_table
+from .shards import MemberLoader, is_shard_pool, member_index
 from .train import (RunDir, _class_dir, _ddp, _eval_loader, _fit, _measure_top1, _restore_rng, _resume_state,
-                    _train_loader, lr_schedule, recorded_settings, seed_everything)
+                    _train_loader, batches_per_epoch, lr_schedule, recorded_settings, seed_everything)
 
 SELECT_ON = ("fidelity", "test")
 
@@ -60,6 +61,11 @@ def selected_paths(selection, wild, teacher_sha256: str | None = None) -> tuple[
         raise AttnprobeError(f"{selection} was scored with another teacher (sha256 {scored_by[:12]}..., this one is "
                              f"{teacher_sha256[:12]}...); rescore with this teacher, or pass the teacher that scored "
                              f"it{_scored_by(meta)}")
+    summary_path = Path(selection).with_suffix(".json")
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if is_shard_pool(wild):  # members of tar shards: each in a shard that `wild` names, readable by offset
+        member_index(df, wild, selection)
+        return df["path"].tolist(), summary
     wild = Path(wild)
     if not wild.is_dir():
         what = "is a file, not a folder" if wild.exists() else "does not exist"
@@ -69,8 +75,6 @@ def selected_paths(selection, wild, teacher_sha256: str | None = None) -> tuple[
     if missing:
         raise AttnprobeError(f"{len(missing)} selected paths are not under {wild} (e.g. {missing[0]}); "
                              "pass the same --wild folder that was scored")
-    summary_path = Path(selection).with_suffix(".json")
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return paths, summary
 
 
@@ -80,11 +84,12 @@ def _scored_by(meta: dict) -> str:
 
 
 def _fidelity_measure(teacher_net, t_info: dict, held: list[str], resize: str, batch_size: int, workers: int,
-                      device, progress: bool, cache: bool):
+                      device, progress: bool, cache: bool, loader=None):
     """measure(student) -> {fidelity, fidelity_n} on the held-out images, seen as the teacher sees them (its
     eval transform, the run's `resize`). The teacher's predictions are computed here, once, on this
     process's shard of the held-out images."""
-    ds = ImageList(held, transform=eval_transform(t_info, resize=resize), in_chans=t_info["in_chans"], cache=cache)
+    ds = ImageList(held, transform=eval_transform(t_info, resize=resize), in_chans=t_info["in_chans"], cache=cache,
+                   loader=loader)
     loader = _eval_loader(ds, batch_size, workers)
     teacher_pred = predict(teacher_net, loader, device, progress)
 
@@ -100,10 +105,10 @@ def distill(teacher, wild, selection, *, out, test=None, student: str = "ap_digi
             temperature: float = 4.0, probe_weight: float = 0.8, probe_blocks: list[int] | None = None,
             probe_variant: str = "cosine", noise_adaptation: bool = True, noise_weight: float = 1.0,
             noise_lr: float = 1e-3, robust: bool = False, teacher_acc: float | None = None,
-            labeled=None, per_class: int = 0, flip: bool = True, workers: int = 2, device: str | None = None,
-            seed: int = 0, resume=None, progress: bool = True, cache_images: bool = False,
+            labeled=None, per_class: int = 0, flip: bool = True, affine: bool = False, workers: int = 2,
+            device: str | None = None, seed: int = 0, resume=None, progress: bool = True, cache_images: bool = False,
             resize: str = "crop", holdout: float | int = 0.1, select_on: str = "fidelity",
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, steps: int | None = None) -> dict:
     """Train a student from scratch on the selected wild images with the teacher as the only supervision.
 
     `holdout`: the part of the selection held out to measure fidelity (top-1 agreement with the teacher)
@@ -113,6 +118,10 @@ def distill(teacher, wild, selection, *, out, test=None, student: str = "ap_digi
     test_top5). `select_on`: which epoch best.pt keeps, `fidelity` (no labels) or `test` (needs `test`;
     optimistic, the reference's habit). Returns the chosen epoch's info: selected_on, fidelity, accuracy
     (its test top-1, or None without `test`), holdout (the count), best_epoch.
+
+    `steps`: when given, train for exactly that many optimizer steps instead of `epochs` (as many epochs as
+    that takes, the last one cut short): equal compute for selections of different sizes. The info records
+    `epochs` and `steps` either way.
 
     `resize`: how a wild image is brought to the teacher's input before the augmentation: `crop`
     (shorter side, centre crop) or `stretch` (the whole image to the square input, as the reference).
@@ -145,14 +154,18 @@ def distill(teacher, wild, selection, *, out, test=None, student: str = "ap_digi
     s_blocks = map_blocks(t_blocks, t_depth, geometry(net)["depth"])
 
     paths, summary = selected_paths(selection, wild, teacher_sha256)
-    train_paths, held = split_holdout([os.path.join(wild, p) for p in paths], holdout, seed)
-    train_ds = ImageList(train_paths, transform=train_transform(t_info, flip, resize=resize),
-                         in_chans=t_info["in_chans"], cache=cache_images)
+    # a shard pool's members are read by offset from their tar files; a folder's images by their paths
+    wild_loader = MemberLoader(member_index(read_table(selection)[0], wild, selection), t_info["in_chans"],
+                               cache=cache_images) if is_shard_pool(wild) else None
+    train_paths, held = split_holdout(paths if wild_loader else [os.path.join(wild, p) for p in paths], holdout, seed)
+    train_ds = ImageList(train_paths, transform=train_transform(t_info, flip, affine, resize=resize),
+                         in_chans=t_info["in_chans"], cache=cache_images, loader=wild_loader)
     if labeled and per_class > 0:
         labeled_ds = labeled_folder(_class_dir(labeled, t_info["classes"], "train"), t_info["classes"], None,
                                     t_info["in_chans"])
         # used like wild images (teacher-supervised, same augmentation), but always cropped, not stretched
-        mixed = ImageList(per_class_subset(labeled_ds, per_class, seed), transform=train_transform(t_info, flip),
+        mixed = ImageList(per_class_subset(labeled_ds, per_class, seed),
+                          transform=train_transform(t_info, flip, affine),
                           in_chans=t_info["in_chans"], cache=cache_images)
         train_ds = ConcatDataset([train_ds, mixed])
     # Test images of another size or colour mode are resized and converted to the teacher's geometry.
@@ -175,11 +188,15 @@ def distill(teacher, wild, selection, *, out, test=None, student: str = "ap_digi
         weights = torch.tensor(summary["class_weights"], dtype=torch.float32, device=device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     optimizers = [optimizer] + ([torch.optim.Adam(noise.parameters(), lr=noise_lr)] if noise else [])
+    per_epoch = batches_per_epoch(len(train_ds), batch_size)
+    if steps is not None:
+        epochs = -(-steps // per_epoch)
+    steps = steps if steps is not None else epochs * per_epoch
     scheduler = lr_schedule(optimizer, schedule, epochs, warmup_epochs)
     info = describe(net, arch, kwargs, t_info["classes"], t_info["mean"], t_info["std"], role="student",
                     teacher=os.path.abspath(teacher), selection=os.path.abspath(selection),
                     teacher_accuracy=t_info.get("accuracy"), resize=resize, selected_on=select_on,
-                    holdout=len(held), teacher_sha256=teacher_sha256, settings=settings)
+                    holdout=len(held), teacher_sha256=teacher_sha256, settings=settings, epochs=epochs, steps=steps)
     run = RunDir(out, resume=bool(resume), overwrite=overwrite)
     objects = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
     if noise:
@@ -191,7 +208,7 @@ def distill(teacher, wild, selection, *, out, test=None, student: str = "ap_digi
     seed_everything(seed + rank())  # the data streams: distinct per process, fixed by the seed
     train_loader = _train_loader(train_ds, batch_size, workers, seed)
     measure_fidelity = _fidelity_measure(teacher_net, t_info, held, resize, batch_size, workers, device, progress,
-                                         cache_images)
+                                         cache_images, wild_loader)
     _restore_rng(resumed, seed, train_loader.generator)
     model = _ddp(DistillModel(net, noise), device)
 
@@ -200,7 +217,8 @@ def distill(teacher, wild, selection, *, out, test=None, student: str = "ap_digi
                 lambda: distill_one_epoch(model, teacher_net, train_loader, optimizers, device,
                                           temperature=temperature, noise_weight=noise_weight, class_weights=weights,
                                           probe_weight=probe_weight, teacher_blocks=t_blocks,
-                                          student_blocks=s_blocks, probe_variant=probe_variant, progress=progress),
+                                          student_blocks=s_blocks, probe_variant=probe_variant, progress=progress,
+                                          max_batches=steps - train_loader.sampler.epoch * per_epoch),
                 lambda: {**measure_fidelity(net), **_measure_top1(test_loaders, net, device, progress)},
                 "fidelity" if select_on == "fidelity" else "test_top1",
                 lambda row: {"fidelity": row.get("fidelity"), "accuracy": row.get("test_top1")})

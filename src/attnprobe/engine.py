@@ -132,13 +132,14 @@ def distill_one_epoch(model: nn.Module, teacher: nn.Module, loader, optimizers: 
                       temperature: float = 4.0, noise_weight: float = 1.0,
                       class_weights: torch.Tensor | None = None, probe_weight: float = 0.8,
                       teacher_blocks=(), student_blocks=(), probe_variant: str = "cosine",
-                      progress: bool = True) -> dict:
+                      progress: bool = True, max_batches: int | None = None) -> dict:
     """loss = KD(T) [robust: weighted by the class weight of the teacher's argmax]
             + noise_weight * noise adaptation NLL + probe_weight * probe-distillation MSE.
 
     `model`: a DistillModel (student + optional noise adaptation), possibly wrapped in
     DistributedDataParallel. `teacher`: not trained (eval mode, no grad), never wrapped.
-    `optimizers`: the student's, and the noise-adaptation matrix's own Adam when it is on."""
+    `optimizers`: the student's, and the noise-adaptation matrix's own Adam when it is on. `max_batches`:
+    stop after that many steps (the last epoch of a run counted in steps)."""
     model.train()
     teacher.eval()
     student = _unwrap(model).student
@@ -148,7 +149,9 @@ def distill_one_epoch(model: nn.Module, teacher: nn.Module, loader, optimizers: 
     # The hooks are registered once for the epoch; each forward overwrites what they keep.
     with BlockTaps(teacher, output_blocks=teacher_blocks if use_probe else ()) as t_taps, \
             BlockTaps(student, output_blocks=student_blocks if use_probe else ()) as s_taps:
-        for images, _ in _batches(loader, "distill", progress, failed):
+        for step, (images, _) in enumerate(_batches(loader, "distill", progress, failed)):
+            if max_batches is not None and step >= max_batches:
+                break
             images = images.to(device, non_blocking=True)
             with torch.no_grad():
                 t_logits = teacher(images).float()

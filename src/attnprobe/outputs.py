@@ -160,6 +160,12 @@ def skipped_path(out) -> Path:
     return out.with_name(f"{out.stem}.skipped.csv")
 
 
+def uids_path(out) -> Path:
+    """`select`'s DataComp subset file (a shard pool's selected uids), beside the selection."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.uids.npy")
+
+
 def _given(out) -> bool:
     return out is not None and bool(os.fspath(out).strip())
 
@@ -174,7 +180,7 @@ def check_score_out(out, *, teacher=None, wild=None) -> Path:
 def check_select_out(out, *, scores=None) -> Path:
     """select --out: a .parquet file, its summary STEM.json beside it; neither may be --scores."""
     return check_out(out, suffix=".parquet", example="selection.parquet",
-                     writes=(Path(out).with_suffix(".json"),) if _given(out) else (),
+                     writes=(Path(out).with_suffix(".json"), uids_path(out)) if _given(out) else (),
                      inputs={"--scores": scores})
 
 

@@ -115,18 +115,26 @@ def fig_attention(teacher_ckpt, wild: Path, paths: list[str], labels: list[str],
 
 
 def fig_top1(results: dict) -> Figure:
+    """Mean test top-1 per row over its seeds, the sd as an error bar and each seed as a dot."""
     rows = results["rows"]
     names = ["teacher"] + [r["name"] for r in rows]
-    values = [results["teacher"]["top1"]] + [r["top1"] for r in rows]
-    colors = ["tab:gray"] + ["tab:blue" if r["kind"] == "reference" else "tab:orange" for r in rows]
-    fig = Figure(figsize=(1.1 * len(names) + 1, 3.4), layout="constrained")
+    means = [100 * results["teacher"]["top1"]] + [100 * r["top1"] for r in rows]
+    sds = [0.0] + [100 * r.get("top1_sd", 0.0) for r in rows]
+    colors = ["tab:gray"] + [{"reference": "tab:blue", "no data": "tab:purple"}.get(r["kind"], "tab:orange")
+                             for r in rows]
+    fig = Figure(figsize=(1.1 * len(names) + 1, 3.6), layout="constrained")
     ax = fig.subplots()
-    bars = ax.bar(names, [100 * v for v in values], color=colors)
-    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    bars = ax.bar(names, means, yerr=sds, capsize=4, color=colors, alpha=0.85)
+    ax.bar_label(bars, labels=[f"{m:.1f}" + (f"\n±{s:.1f}" if s else "") for m, s in zip(means, sds)], fontsize=7,
+                 padding=2)
+    for i, r in enumerate(rows, start=1):
+        seeds = [100 * v for v in r.get("test_top1", [])] if isinstance(r.get("test_top1"), list) else []
+        ax.plot([i] * len(seeds), seeds, "k.", markersize=4)
     ax.set_ylabel("test top-1 (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 110)
     ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    ax.set_title("Test top-1 per row (blue: reference rows on original data, orange: wild selections)")
+    ax.set_title("Test top-1 per row: mean ± sd over seeds, dots = seeds (blue: original data, purple: no data, "
+                 "orange: wild images)", fontsize=9)
     return fig
 
 
@@ -136,14 +144,18 @@ def fig_class_hist(results: dict, run: Path) -> Figure:
     ax = fig.subplots()
     width = 0.8 / len(sel_rows)
     for k, r in enumerate(sel_rows):
-        hist = json.loads((run / r["selection"]).with_suffix(".json").read_text())["pred_histogram"]
+        hist = json.loads((run / _first(r["selection"])).with_suffix(".json").read_text())["pred_histogram"]
         ax.bar(np.arange(len(hist)) + k * width, hist, width, label=r["name"])
     ax.set_xticks(np.arange(len(hist)) + 0.4 - width / 2, [str(c) for c in range(len(hist))])
     ax.set_xlabel("teacher's predicted class")
     ax.set_ylabel("selected images")
     ax.legend(fontsize=8)
-    ax.set_title("Class histogram of each selection")
+    ax.set_title("Class histogram of each selection (the first seed's, for random)")
     return fig
+
+
+def _first(selection):
+    return selection[0] if isinstance(selection, list) else selection
 
 
 def _png(fig: Figure, path: Path) -> str:
@@ -153,20 +165,41 @@ def _png(fig: Figure, path: Path) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def differs(a: dict, b: dict) -> bool:
+    """Whether two rows' mean top-1 differ by more than the spread of their seeds (the larger sd): the only
+    differences the findings claim."""
+    return abs(a["top1"] - b["top1"]) > max(a.get("top1_sd", 0.0), b.get("top1_sd", 0.0))
+
+
+def _compare(a: dict, b: dict) -> str:
+    diff = 100 * (a["top1"] - b["top1"])
+    if not differs(a, b):
+        return (f"{a['name']} and {b['name']} are within the spread of their seeds ({diff:+.1f} points, sd "
+                f"{100 * a.get('top1_sd', 0):.1f} and {100 * b.get('top1_sd', 0):.1f}): no difference is claimed")
+    return f"{a['name']} {'beats' if diff > 0 else 'loses to'} {b['name']} by {abs(diff):.1f} points of top-1"
+
+
 def findings(results: dict, aurocs: dict) -> list[str]:
-    """Plain statements drawn from the numbers, including where a strategy loses."""
+    """Plain statements drawn from the numbers, including where a strategy loses; a difference between two
+    rows is claimed only when it is larger than the spread of their seeds."""
     rows = {r["name"]: r for r in results["rows"]}
-    sel = [r for r in results["rows"] if r["kind"] == "selection"]
-    best = max(sel, key=lambda r: r["top1"])
-    out = [f"Best selection: <b>{best['name']}</b>, {100 * best['top1']:.1f}% test top-1 "
-           f"({100 * best['relative_top1']:.0f}% of the teacher's {100 * results['teacher']['top1']:.1f}%)."]
+    wild = [r for r in results["rows"] if r["kind"] in ("selection", "wild")]
+    best = max(wild, key=lambda r: r["top1"])
+    n_seeds = len(best["test_top1"]) if isinstance(best.get("test_top1"), list) else 1
+    out = [f"Best wild row: <b>{best['name']}</b>, {100 * best['top1']:.1f} ± {100 * best.get('top1_sd', 0):.1f}% "
+           f"test top-1 over {n_seeds} seeds ({100 * best['relative_top1']:.0f}% of the teacher's "
+           f"{100 * results['teacher']['top1']:.1f}%)."]
     if "random" in rows:
-        for r in sel:
+        for r in wild:
             if r["name"] != "random":
-                diff = 100 * (r["top1"] - rows["random"]["top1"])
-                verdict = "beats" if diff > 0 else "loses to" if diff < 0 else "ties"
-                out.append(f"{r['name']} {verdict} random selection by {abs(diff):.1f} points of top-1 "
-                           f"(precision {100 * r['precision']:.0f}% vs {100 * rows['random']['precision']:.0f}%).")
+                out.append(f"{_compare(r, rows['random'])} (precision {100 * r['precision']:.0f}% vs "
+                           f"{100 * rows['random']['precision']:.0f}%).")
+    for a, b in (("attnprobe", "dfnd"), ("attnprobe", "all"), ("dfnd", "dafl"), ("kd-original", "attnprobe")):
+        if a in rows and b in rows:
+            out.append(_compare(rows[a], rows[b]) + ".")
+    default = results.get("default_selection")
+    if default in rows and default != "attnprobe" and "attnprobe" in rows:
+        out.append(f"The default selection ({default}): {_compare(rows[default], rows['attnprobe'])}.")
     for term, a in aurocs.items():
         note = " — inverted: low values pick non-digits" if a < 0.5 else ""
         out.append(f"AUROC of <code>{term}</code> for telling digits from non-digits (low = digit): {a:.2f}{note}.")
@@ -228,15 +261,19 @@ def write_report(run) -> Path:
 
 def _html(results: dict, figs, notes) -> str:
     t = results["teacher"]
-    head = ("<tr><th>row</th><th>data</th><th>test top-1</th><th>of teacher</th><th>precision</th>"
-            "<th>composition of the selection</th></tr>")
-    body = [f"<tr><td>teacher</td><td>original training set, labels ({t['params']:,} params)</td>"
-            f"<td>{100 * t['top1']:.2f}</td><td>100%</td><td></td><td></td></tr>"]
+    head = ("<tr><th>row</th><th>data</th><th>method</th><th>test top-1 (mean ± sd)</th><th>seeds</th>"
+            "<th>of teacher</th><th>steps</th><th>precision</th><th>composition of the selection</th></tr>")
+    body = [f"<tr><td>teacher</td><td>original training set, labels ({t['params']:,} params)</td><td></td>"
+            f"<td>{100 * t['top1']:.2f}</td><td></td><td>100%</td><td></td><td></td><td></td></tr>"]
     for r in results["rows"]:
         comp = ", ".join(f"{k} {v}" for k, v in r.get("composition", {}).items())
         prec = f"{100 * r['precision']:.1f}%" if "precision" in r else ""
+        per_seed = r["test_top1"] if isinstance(r["test_top1"], list) else [r["test_top1"]]
         body.append(f"<tr><td>{html.escape(r['name'])}</td><td>{html.escape(r['data'])}</td>"
-                    f"<td>{100 * r['top1']:.2f}</td><td>{100 * r['relative_top1']:.0f}%</td><td>{prec}</td>"
+                    f"<td>{html.escape(r.get('method', ''))}</td>"
+                    f"<td>{100 * r['top1']:.2f} ± {100 * r.get('top1_sd', 0):.2f}</td>"
+                    f"<td>{', '.join(f'{100 * v:.1f}' for v in per_seed)}</td>"
+                    f"<td>{100 * r['relative_top1']:.0f}%</td><td>{r.get('steps') or ''}</td><td>{prec}</td>"
                     f"<td>{html.escape(comp)}</td></tr>")
     pool = results["pool"]
     pool_text = ", ".join(f"{k} {v}" for k, v in pool["by_source"].items())
@@ -244,14 +281,16 @@ def _html(results: dict, figs, notes) -> str:
                      for title, b64 in figs)
     cfg = html.escape(json.dumps(results["config"]))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>attnprobe: digits in the wild</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
 th{{background:#f3f3f3}}img{{max-width:100%}}</style></head><body>
 <h1>Digits in the wild</h1>
-<p>Teacher: a {t['params']:,}-parameter ViT trained on MNIST digits; student: {results['student_params']:,} parameters.
+<p>Teacher: a {t['params']:,}-parameter ViT trained on MNIST digits (test top-1 {100 * t['test_top1']:.2f}%, its
+epoch chosen on a validation split at {100 * t['val_top1']:.2f}%); student: {results['student_params']:,} parameters.
 Wild pool: {pool['size']} images ({pool['digits']} digits; {html.escape(pool_text)}).
-Each selection keeps {results['config']['num_select']} images. Run: {'quick' if results['quick'] else 'full'},
-{results['seconds']:.0f} s on the CPU. Settings: <code>{cfg}</code>.</p>
+Each selection keeps {results['config']['num_select']} images. Every student trains for the same number of optimizer
+steps and keeps the epoch chosen without the test set (fidelity to the teacher; the labels row: validation).
+Run: {'quick' if results['quick'] else 'full'}, {results['seconds']:.0f} s on the CPU. Settings: <code>{cfg}</code>.</p>
 <h2>Results</h2><table>{head}{''.join(body)}</table>
 <p>Precision: fraction of digits among the selected images (the selector never sees the sources).</p>
 <h2>Findings</h2><ul>{''.join(f'<li>{n}</li>' for n in notes)}</ul>

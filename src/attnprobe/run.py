@@ -99,6 +99,7 @@ def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_setti
     """Run (or continue, or reuse) every stage into `out`; returns {strategy: evaluation} and the run folder."""
     from .api import distill, score, select
     from .data import PathList
+    from .shards import content_digest, is_shard_pool
 
     out = Path(out)
     teacher, wild = Path(teacher).resolve(), Path(wild).resolve()
@@ -123,8 +124,8 @@ def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_setti
         plan = ["score"] + [f"{stage}:{s}" for s in run_settings.strategies
                             for stage in ("select", "distill", "evaluate")] + ["report"]
         bar = Progress(plan, stages, distributed.is_main())  # stage lines always; --no-progress drops the bars
-        pool = PathList.from_dir(wild)
-        score_key = _key(file_sha256(teacher), str(wild), pool.digest(), score_settings.result_settings())
+        pool = content_digest(wild) if is_shard_pool(wild) else PathList.from_dir(wild).digest()  # shards or folder
+        score_key = _key(file_sha256(teacher), str(wild), pool, score_settings.result_settings())
         scores = out / "scores.parquet"
 
         def stage(name, key, output: Path, work, *, clear=()):

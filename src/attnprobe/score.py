@@ -254,8 +254,9 @@ def _part(parts: Path, c: int) -> Path:
     return parts / f"{c:06d}.parquet"
 
 
-def _write_part(parts: Path, c: int, table: pa.Table, skipped) -> None:
-    meta = {PART_KEY: json.dumps({"chunk": c, "skipped": [list(s) for s in skipped]}).encode()}
+def _write_part(parts: Path, c: int, table: pa.Table, skipped, marker: dict | None = None) -> None:
+    """Part `c`, whole or not at all; `marker`: what else it records of its input (a shard's size and time)."""
+    meta = {PART_KEY: json.dumps({"chunk": c, "skipped": [list(s) for s in skipped], **(marker or {})}).encode()}
     tmp = parts / f".{c:06d}.parquet.tmp{os.getpid()}"
     try:
         pq.write_table(table.replace_schema_metadata(meta), tmp)
@@ -417,11 +418,17 @@ def score(teacher, wild, out, *, blocks=None, heads: str = "first", batch_size: 
           channels_last: bool = False, compile: bool = False, resize: str = "crop") -> dict:
     """Score every image under `wild`; write the table to `out` and the skipped files beside it.
     `resize`: `crop` (shorter side, centre crop) or `stretch` (whole image to the square input, as the
-    reference); recorded in the table's metadata.
+    reference); recorded in the table's metadata. `wild` may also name tar shards (score_shards.py).
 
     Resumes from `<out>.parts` when an earlier run with the same settings stopped; under torchrun,
     each process scores its share of the chunks and rank 0 writes the table. Returns the table's
     metadata with `scored`, `skipped`, `rows` (= scored), `skipped_csv` and `rank`."""
+    from .shards import is_shard_pool
+    if is_shard_pool(wild):
+        from .score_shards import score_shards
+        return score_shards(teacher, wild, out, blocks=blocks, heads=heads, batch_size=batch_size, workers=workers,
+                            device=device, amp=amp, progress=progress, channels_last=channels_last,
+                            compile=compile, resize=resize)
     joined_here = not distributed.is_distributed()
     device = distributed.init_distributed(device, timeout=timedelta(hours=3))  # rank 0 merges while others wait
     rank, world = distributed.rank(), distributed.world_size()
@@ -439,6 +446,29 @@ def score(teacher, wild, out, *, blocks=None, heads: str = "first", batch_size: 
             "resize": resize, "wild": os.path.abspath(wild), "teacher": os.path.abspath(teacher),
             "teacher_sha256": settings["teacher_sha256"]}
 
+    def score_mine(chunks):
+        score_chunks(model, info, wild, paths, chunks, chunk_size, blocks, heads, batch_size, workers, device, amp,
+                     channels_last, compile, progress and rank == 0,
+                     on_chunk=lambda c, table, skipped: _write_part(parts, c, table, skipped), resize=resize)
+    try:
+        schema = table_schema(blocks, info["num_classes"] <= MAX_STORED_CLASSES)
+        meta, resumed = score_in_parts(out, settings, meta, schema, n_chunks, score_mine)
+    finally:
+        if joined_here:
+            distributed.cleanup()
+    return {**meta, "rows": meta["scored"], "resumed_chunks": resumed, "chunks": n_chunks,
+            "skipped_csv": os.fspath(skipped_path(out)), "rank": rank, "world_size": world}
+
+
+def score_in_parts(out, settings: dict, meta: dict, schema: pa.Schema, n_parts: int, score_mine, *,
+                   finished=_finished, deal=None) -> tuple[dict, int]:
+    """The frame of a resumable score run under any number of processes, whatever its parts are (chunks of a
+    folder, tar shards): one writer (the lock on the parts folder), parts tied to their guarded `settings`,
+    the parts rank 0 finds `finished(parts, n_parts)` skipped, the others dealt to the ranks by
+    `deal(todo, world)` (one list per rank; round-robin by default) and scored by `score_mine(my parts)` on
+    each, which writes each finished part; then rank 0's merge. Returns (the table's metadata, parts resumed)."""
+    rank, world = distributed.rank(), distributed.world_size()
+    parts = parts_dir(out)
     lock, created = _lock(parts) if rank == 0 else (-1, False)
     try:
         if not distributed.all_gather_object(lock is not None)[0]:
@@ -449,7 +479,7 @@ def score(teacher, wild, out, *, blocks=None, heads: str = "first", batch_size: 
             raise AttnprobeError("the processes of this run see different teachers, pools or flags; give every "
                                  "process the same command and the same files")
         _check_settings(parts, settings)
-        done = _finished(parts, n_chunks)
+        done = distributed.all_gather_object(finished(parts, n_parts))[0]  # rank 0's view: one deal for all
         if rank == 0:
             parts.mkdir(parents=True, exist_ok=True)
             for p in parts.glob(".*.tmp*"):  # left by a killed run; nobody writes before the barrier below
@@ -457,18 +487,13 @@ def score(teacher, wild, out, *, blocks=None, heads: str = "first", batch_size: 
             if not (parts / SETTINGS).is_file():
                 _atomic_text(parts / SETTINGS, lambda f: f.write(json.dumps(settings, indent=1) + "\n"))
         distributed.barrier()
-        todo = [c for c in range(n_chunks) if c not in done]
-        score_chunks(model, info, wild, paths, todo[rank::world], chunk_size, blocks, heads, batch_size, workers,
-                     device, amp, channels_last, compile, progress and rank == 0,
-                     on_chunk=lambda c, table, skipped: _write_part(parts, c, table, skipped), resize=resize)
+        todo = [c for c in range(n_parts) if c not in done]
+        score_mine(deal(todo, world)[rank] if deal is not None else todo[rank::world])
         distributed.barrier()
         if rank == 0:
-            meta = merge_parts(parts, n_chunks, out, meta, table_schema(blocks, info["num_classes"] <= MAX_STORED_CLASSES))
+            meta = merge_parts(parts, n_parts, out, meta, schema)
         meta = distributed.all_gather_object(meta)[0]  # every rank waits for the merge; rank 0's summary
     finally:
         if rank == 0:
             _unlock(parts, lock, created)
-        if joined_here:
-            distributed.cleanup()
-    return {**meta, "rows": meta["scored"], "resumed_chunks": len(done), "chunks": n_chunks,
-            "skipped_csv": os.fspath(skipped_path(out)), "rank": rank, "world_size": world}
+    return meta, len(done)

@@ -22,7 +22,12 @@ from .losses import class_weights
 from .outputs import with_path
 from .score import META_KEY
 
-STRATEGIES = ("attnprobe", "dfnd", "probe", "random")
+STRATEGIES = ("attnprobe-rank", "attnprobe", "dfnd", "probe", "random")
+# What `attnprobe select` does without --strategy: the paper's two criteria on one scale. Chosen on pools of our
+# own making (README: which selection to use; benchmarks/selection_study.py), where the paper's weights let a
+# miscalibrated teacher's confidence decide alone.
+DEFAULT_SELECTION = {"name": "attnprobe-rank", "settings": {"strategy": "attnprobe-rank"}}
+RANK_W_PROBE = 0.3  # attnprobe-rank's weight of the probe terms' rank; the outlier's rank weighs the rest
 NORMALIZATIONS = ("none", "rank", "zscore")
 
 
@@ -71,7 +76,9 @@ def _normalized(values: np.ndarray, how: str) -> np.ndarray:
 def strategy_scores(df: pd.DataFrame, strategy: str, w_attn: float = 0.05, w_out: float = 0.9,
                     seed: int = 0, normalize: str = "none") -> np.ndarray:
     """Per-image score, lower is better. `normalize` (rank or zscore) puts the terms on one scale
-    before weighting; `none` is the paper's combination."""
+    before weighting; `none` is the paper's combination. `attnprobe-rank` takes neither weights nor
+    `normalize`: 0.3 x the probe terms' rank in the pool (the rank of their summed per-block ranks) +
+    0.7 x the outlier's rank, so that each criterion counts by its weight whatever its spread."""
     if strategy not in STRATEGIES:
         raise AttnprobeError(f"--strategy {strategy!r} is not one of {STRATEGIES}")
     if normalize not in NORMALIZATIONS:
@@ -79,7 +86,7 @@ def strategy_scores(df: pd.DataFrame, strategy: str, w_attn: float = 0.05, w_out
     if strategy == "random":
         return np.random.default_rng(seed).random(len(df))
     probes = probe_columns(df)
-    needed = (["outlier"] if strategy in ("attnprobe", "dfnd") else []) + \
+    needed = (["outlier"] if strategy in ("attnprobe-rank", "attnprobe", "dfnd") else []) + \
              (probes if strategy != "dfnd" else [])
     if strategy != "dfnd" and not probes:
         raise AttnprobeError(f"strategy {strategy} needs probe_<b> columns, and the table has none; rescore the pool")
@@ -88,6 +95,9 @@ def strategy_scores(df: pd.DataFrame, strategy: str, w_attn: float = 0.05, w_out
         raise AttnprobeError(f"score table lacks {missing} needed by strategy {strategy}; rescore the pool")
     if df[needed].isna().any().any():
         raise AttnprobeError(f"score table has NaN in {needed}; rescore the pool")
+    if strategy == "attnprobe-rank":
+        probe_rank = _normalized(sum(_normalized(df[c].to_numpy(np.float64), "rank") for c in probes), "rank")
+        return RANK_W_PROBE * probe_rank + (1 - RANK_W_PROBE) * _normalized(df["outlier"].to_numpy(np.float64), "rank")
     probe_sum = sum(_normalized(df[c].to_numpy(np.float64), normalize) for c in probes) if probes else 0.0
     outlier = _normalized(df["outlier"].to_numpy(np.float64), normalize) if "outlier" in needed else 0.0
     if strategy == "dfnd":
@@ -99,7 +109,7 @@ def strategy_scores(df: pd.DataFrame, strategy: str, w_attn: float = 0.05, w_out
     return w_attn * probe_sum + w_out * outlier
 
 
-def select_images(df: pd.DataFrame, num_select: int, strategy: str = "attnprobe", w_attn: float = 0.05,
+def select_images(df: pd.DataFrame, num_select: int, strategy: str = "attnprobe-rank", w_attn: float = 0.05,
                   w_out: float = 0.9, seed: int = 0, normalize: str = "none",
                   num_classes: int | None = None) -> tuple[pd.DataFrame, dict]:
     """The `num_select` lowest-scoring rows (ascending `score`) and a summary with DFND's class weights."""

@@ -159,11 +159,13 @@ class ScoreSettings(Settings):
 @dataclass(kw_only=True)
 class SelectSettings(Settings):
     num_select: int = setting(MISSING, "K: how many images to select", check=_AT_LEAST_1, metavar="K")
-    strategy: str = setting("attnprobe", "attnprobe: w_attn * sum of probes + w_out * outlier (the paper); dfnd: "
-                                         "outlier alone; probe: probes alone; random",
-                            choices=("attnprobe", "dfnd", "probe", "random"))
-    w_attn: float = setting(0.05, "weight of the summed probe terms")
-    w_out: float = setting(0.9, "weight of the outlier term")
+    strategy: str = setting("attnprobe-rank", "attnprobe-rank: 0.3 x the probe terms' rank + 0.7 x the outlier's "
+                                              "rank in the pool (README: which selection to use); attnprobe: "
+                                              "w_attn * sum of probes + w_out * outlier (the paper); dfnd: outlier "
+                                              "alone; probe: probes alone; random",
+                            choices=("attnprobe-rank", "attnprobe", "dfnd", "probe", "random"))
+    w_attn: float = setting(0.05, "weight of the summed probe terms (attnprobe)")
+    w_out: float = setting(0.9, "weight of the outlier term (attnprobe)")
     normalize: str = setting("none", "put the terms on one scale before weighting (none = the paper)",
                              choices=("none", "rank", "zscore"))
     seed: int = setting(0, "seed of the random strategy")
@@ -180,6 +182,8 @@ class _TrainSettings(Settings):
                                       "reference)", choices=("cosine", "step"))
     warmup_epochs: int = setting(0, "linear warmup epochs", check=_NOT_NEGATIVE)
     flip: bool = setting(True, "horizontal flips (turn off for digits, text)")
+    affine: bool = setting(False, "small random affine jitter (rotation, shift, scale) instead of the padded "
+                                  "random crop (digits: the 4-pixel crop shifts them too far)")
     seed: int = setting(0, "seed of the initialisation, data order and augmentation")
     batch_size: int = setting(128, _TRAIN_BATCH_HELP, check=_AT_LEAST_1)
     cache_images: bool = setting(False, "keep decoded images in memory after the first epoch (data that fits "
@@ -198,8 +202,6 @@ class _TrainSettings(Settings):
 @dataclass(kw_only=True)
 class TeacherSettings(_TrainSettings):
     model: str = setting("ap_digits_teacher", "preset or timm ViT name")
-    affine: bool = setting(False, "small random affine jitter (rotation, shift, scale) instead of the padded "
-                                  "random crop")
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy",
                                      check=(lambda v: 0 <= v < 1, "in [0, 1)"))
     mean: list[float] | None = setting(None, "normalisation mean (default: timm's for the architecture)")
@@ -223,6 +225,7 @@ def _check_model(name: str, model_kwargs: dict) -> None:
 @dataclass(kw_only=True)
 class DistillSettings(_TrainSettings):
     student: str = setting("ap_digits_student", "preset or timm ViT name")
+    epochs: int | None = setting(None, "epochs to train (or --steps)", check=_AT_LEAST_1)
     lr: float = setting(7.5e-4, "peak learning rate (AdamW)", check=_POSITIVE)
     weight_decay: float = setting(0.025, "AdamW weight decay", check=_NOT_NEGATIVE)
     batch_size: int = setting(256, _TRAIN_BATCH_HELP, check=_AT_LEAST_1)
@@ -250,20 +253,71 @@ class DistillSettings(_TrainSettings):
     select_on: str = setting("fidelity", "which epoch best.pt keeps: fidelity (no labels needed), or test: the "
                                          "test set chooses, which is optimistic (the reference's habit)",
                              choices=("fidelity", "test"))
+    steps: int | None = setting(None, "train for exactly this many optimizer steps (per process) instead of "
+                                      "--epochs: the epochs are as many as needed, the last one cut short, so that "
+                                      "selections of different sizes get equal compute", check=_AT_LEAST_1)
 
     def __post_init__(self):
         super().__post_init__()
         if (self.per_class > 0) != (self.labeled is not None):
             raise AttnprobeError("--labeled and --per-class go together: pass both (a folder and a count per class) "
                                  "or neither")
+        if (self.epochs is None) == (self.steps is None):
+            raise AttnprobeError("distill trains for --epochs N or for --steps N (equal compute across selections); "
+                                 "give one of them" + (", not both" if self.steps is not None else ""))
+        _check_model(self.student, self.model_kwargs)
+
+
+@dataclass(kw_only=True)
+class DaflSettings(Settings):
+    """DAFL (attnprobe dafl): DAFL's MNIST defaults but for the batch (halved) and lr_G (see datafree.py)."""
+    student: str = setting("ap_digits_student", "preset or timm ViT name")
+    model_kwargs: dict = setting({}, "student constructor overrides, values as Python literals, e.g. embed_dim=128",
+                                 metavar="K=V")
+    epochs: int = setting(MISSING, "epochs to train", check=_AT_LEAST_1)
+    iters_per_epoch: int = setting(120, "generator and student steps per epoch (DAFL: 120)", check=_AT_LEAST_1)
+    batch_size: int = setting(256, "generated images per step (DAFL: 512 for MNIST)", check=_AT_LEAST_1)
+    lr: float = setting(2e-3, "student learning rate (AdamW; DAFL's MNIST lr_S with Adam)", check=_POSITIVE)
+    weight_decay: float = setting(0.0, "student AdamW weight decay (0: Adam, as DAFL)", check=_NOT_NEGATIVE)
+    schedule: str = setting("constant", "student learning rate over the epochs: constant (DAFL's MNIST) or cosine "
+                                        "to zero", choices=("constant", "cosine"))
+    generator_lr: float = setting(0.02, "generator learning rate (Adam, constant; DAFL's CIFAR lr_G: its MNIST 0.2 "
+                                        "collapses the generator against a ViT)", check=_POSITIVE)
+    latent_dim: int = setting(100, "generator noise dimension", check=_AT_LEAST_1)
+    generator_width: int = setting(128, "channels of the generator's first map (DAFL: 128; its convolutions cost "
+                                        "most of a step on a CPU, 32 is 16 times cheaper)", check=(lambda v: v >= 2,
+                                                                                                  "at least 2"))
+    temperature: float = setting(1.0, "KD temperature of the student's loss (1: DAFL's KL)", check=_POSITIVE)
+    w_oh: float = setting(1.0, "weight of the one-hot loss", check=_NOT_NEGATIVE)
+    w_a: float = setting(0.1, "weight of the feature activation loss", check=_NOT_NEGATIVE)
+    w_ie: float = setting(5.0, "weight of the information entropy loss (log base 10, as DAFL)", check=_NOT_NEGATIVE)
+    fidelity_images: int = setting(1024, "generated images (from fixed, seeded noise) on which fidelity, the "
+                                         "student's top-1 agreement with the teacher, chooses best.pt",
+                                   check=_AT_LEAST_1)
+    seed: int = setting(0, "seed of the initialisation and the noise")
+    resume: str | None = setting(None, "continue a stopped run from its last.pt (student, generator, optimizers, "
+                                       "noise stream)", runtime=True, metavar="RUN/last.pt")
+    overwrite: bool = setting(False, "start over in a --out folder that already holds a run", runtime=True)
+    workers: int = _workers()
+    device: str | None = _device()
+    progress: bool = _progress()
+
+    def __post_init__(self):
+        super().__post_init__()
         _check_model(self.student, self.model_kwargs)
 
 
 @dataclass(kw_only=True)
 class RunSettings(Settings):
-    strategies: list[str] = setting(["attnprobe"], "one student per selection strategy, compared in the report "
+    strategies: list[str] = setting(["attnprobe-rank"], "one student per selection strategy, compared in the report "
                                                    "(e.g. attnprobe dfnd random)",
-                                    choices=("attnprobe", "dfnd", "probe", "random"))
+                                    choices=("attnprobe-rank", "attnprobe", "dfnd", "probe", "random"))
+
+
+@dataclass(kw_only=True)
+class ReshardSettings(Settings):
+    shard_size: int = setting(10000, "samples per new shard", check=_AT_LEAST_1)
+    progress: bool = _progress()
 
 
 def _base_type(annotation):

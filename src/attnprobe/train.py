@@ -282,8 +282,19 @@ def _train_loader(dataset, batch_size: int, workers: int, seed: int):
     sampler = DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=True, seed=seed)
     generator = torch.Generator().manual_seed(seed + rank())
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=len(sampler) > batch_size, pin_memory=torch.cuda.is_available(),
+                      drop_last=_drops_last(len(sampler), batch_size), pin_memory=torch.cuda.is_available(),
                       persistent_workers=False, generator=generator, collate_fn=collate_robust)
+
+
+def _drops_last(per_process: int, batch_size: int) -> bool:
+    return per_process > batch_size  # a short last batch is dropped unless it is the only one
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps per epoch of _train_loader over n images, on each process (DistributedSampler pads
+    the shards to equal length)."""
+    per_process = -(-n // world_size())
+    return per_process // batch_size if _drops_last(per_process, batch_size) else 1
 
 
 def _eval_loader(dataset, batch_size: int, workers: int):
@@ -394,6 +405,7 @@ def train_teacher(data, *, out, test=None, model: str = "ap_digits_teacher", mod
                                   cache_images, val_split, seed)
     test_ds = None if test is None else labeled_folder(_class_dir(test, classes, "val"), classes, eval_transform(info),
                                                        in_chans, cache_images)
+    info.update(epochs=epochs, steps=epochs * batches_per_epoch(len(train_ds), batch_size))
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = lr_schedule(optimizer, schedule, epochs, warmup_epochs)
     run = RunDir(out, resume=bool(resume), overwrite=overwrite)
