@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from attnprobe import AttnprobeError, distill, score
 from attnprobe.api import reshard, select

@@ -124,6 +124,7 @@ def _teacher(out: Path, cache: Path, labeled: Path, test: Path, settings: dict, 
         shutil.rmtree(out / "teacher", ignore_errors=True)
         shutil.copytree(cached, out / "teacher")
         how = "reused from the cache (same settings)"
+        clock.total -= COST["teacher"]  # no time spent: the time left is paced on the students alone
     else:
         train_teacher(labeled, out=out / "teacher", seed=seed, **settings, **common)
         partial = cache / f".teacher-{key}.partial"
@@ -135,7 +136,7 @@ def _teacher(out: Path, cache: Path, labeled: Path, test: Path, settings: dict, 
     info["test_top1"] = evaluate(out / "teacher" / "best.pt", test, workers=common["workers"], device="cpu",
                                  progress=False)["top1"]
     clock(f"teacher {how}: test top-1 {info['test_top1']:.4f} at the epoch chosen on validation "
-          f"({info['val_top1']:.4f})", COST["teacher"])
+          f"({info['val_top1']:.4f})", COST["teacher"] if how == "trained" else 0)
     return info
 
 
