@@ -150,7 +150,7 @@ def test_run_two_processes_matches_one_process_and_finishes(image_root, teacher_
     one_scores, _ = read_table(tmp_path / "one/scores.parquet")
     assert two_scores.path.tolist() == one_scores.path.tolist()
     assert two_scores.outlier.tolist() == pytest.approx(one_scores.outlier.tolist(), abs=1e-5)
-    two = json.loads((tmp_path / "two/attnprobe/evaluation.json").read_text())
-    one = json.loads((tmp_path / "one/attnprobe/evaluation.json").read_text())
+    two = json.loads((tmp_path / "two/attnprobe-rank/evaluation.json").read_text())
+    one = json.loads((tmp_path / "one/attnprobe-rank/evaluation.json").read_text())
     assert two["teacher"]["test_top1"] == one["teacher"]["test_top1"]  # the 25 images counted once each
     assert (tmp_path / "two/report.html").is_file()
