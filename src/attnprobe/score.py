@@ -91,6 +91,16 @@ class _Chunk:
         self.index, self.rows, self.preds, self.outliers, self.probes, self.probs = index, [], [], [], [], []
         self.skipped: list[tuple[int, str]] = []
 
+    def add(self, rows: np.ndarray, scores: tuple) -> None:
+        """One batch: the pool rows it covers and ScoringForward.scores' (pred, outlier, probe, probs)."""
+        pred, outlier, probe, probs = scores
+        self.rows.append(rows)
+        self.preds.append(pred)
+        self.outliers.append(outlier)
+        self.probes.append(probe)
+        if probs is not None:
+            self.probs.append(probs)
+
     def table(self, paths, schema: pa.Schema, blocks: list[int]) -> pa.Table:
         def cat(xs, shape, dtype):
             return np.concatenate(xs).astype(dtype) if xs else np.zeros(shape, dtype)
@@ -198,13 +208,7 @@ def score_chunks(model, info: dict, root, paths, chunks: list[int], chunk_size: 
                 chunk = _Chunk(c)
             chunk.skipped += failed
             if images is not None:
-                pred, outlier, probe, probs = fwd.scores(images, keep_probs)
-                chunk.rows.append(rows.numpy())
-                chunk.preds.append(pred)
-                chunk.outliers.append(outlier)
-                chunk.probes.append(probe)
-                if keep_probs:
-                    chunk.probs.append(probs)
+                chunk.add(rows.numpy(), fwd.scores(images, keep_probs))
             bar.update(len(rows) + len(failed))
         if chunk is not None:
             finish(chunk)

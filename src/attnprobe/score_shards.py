@@ -141,14 +141,8 @@ def score_shard_list(model, info: dict, shards: list[Shard], mine: list[int], bl
             stem = shards[index].stem
             r.skipped += [(f"{stem}/{name}", reason) for name, reason in failed]
             if images is not None:
-                pred, outlier, probe, probs = fwd.scores(images, keep_probs)
-                r.rows.append(np.arange(len(r.members), len(r.members) + len(members)))
+                r.add(np.arange(len(r.members), len(r.members) + len(members)), fwd.scores(images, keep_probs))
                 r.members += members
-                r.preds.append(pred)
-                r.outliers.append(outlier)
-                r.probes.append(probe)
-                if keep_probs:
-                    r.probs.append(probs)
             bar.update(len(members) + len(failed))
             if last:
                 if problem is not None:
