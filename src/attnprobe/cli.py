@@ -247,7 +247,7 @@ def run(args) -> None:
         print(f"exported {args.format}{diff} -> {args.out}")
     elif cmd == "demo":
         from .demo import run_demo
-        run_demo(args.out, args.quick, args.cache, args.workers, args.seed, jobs=args.jobs)
+        run_demo(args.out, quick=args.quick, cache=args.cache, workers=args.workers, seed=args.seed, jobs=args.jobs)
     elif cmd == "report":
         from .report import write_report
         print(f"report -> {write_report(args.run_dir)}")

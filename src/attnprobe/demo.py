@@ -146,7 +146,7 @@ def _all_paths_selection(paths: list[str], out: Path, meta: dict) -> None:
     write_table(pd.DataFrame({"path": paths}), out, meta)
 
 
-def run_demo(out="demo-out", quick: bool = False, cache=None, workers: int = 0, seed: int = 0,
+def run_demo(out="demo-out", *, quick: bool = False, cache=None, workers: int = 0, seed: int = 0,
              progress: bool = False, quiet: bool = False, jobs: int | None = None) -> dict:
     """Run the benchmark end to end and write OUT/results.json and OUT/report.html. `jobs`: student
     trainings run at once (default: one per CPU core, at most 8), each with its share of the cores."""
