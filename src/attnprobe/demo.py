@@ -56,7 +56,7 @@ def default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnprobe"
 
 
-def selections(cfg: dict) -> dict[str, dict]:
+def selections() -> dict[str, dict]:
     """The wild rows' select() settings: the paper's strategies, and the project's default when it is none
     of them (README: which selection to use)."""
     out = {"dfnd": dict(strategy="dfnd"), "attnprobe": dict(strategy="attnprobe"), "probe": dict(strategy="probe"),
@@ -165,7 +165,7 @@ def run_demo(out="demo-out", *, quick: bool = False, cache=None, workers: int = 
     jobs = jobs or min(cores, 8)
     seeds = [seed + k for k in range(cfg["seeds"])]
     rows = {**{n: ROWS[n] for n in ("labels", "kd-original", "dafl")},
-            **{n: ROWS.get(n, ("selection", f"wild selection ({n})", FULL_METHOD)) for n in selections(cfg)},
+            **{n: ROWS.get(n, ("selection", f"wild selection ({n})", FULL_METHOD)) for n in selections()},
             "all": ROWS["all"]}
     clock = Clock(COST["teacher"] + 1 + sum(COST.get(n, 1) for n in rows) * len(seeds), quiet)
     t0 = time.time()
@@ -183,18 +183,19 @@ def run_demo(out="demo-out", *, quick: bool = False, cache=None, workers: int = 
     clock("[2/4] score and select")
     score(teacher, wild, out / "scores.parquet", batch_size=256, workers=workers, device="cpu", progress=progress)
     scores, meta = read_table(out / "scores.parquet")
-    for name, kw in selections(cfg).items():
+    for name, kw in selections().items():
         for s in (seeds if name == "random" else seeds[:1]):
             select(out / "scores.parquet", num_select=cfg["num_select"], out=selection_file(out, name, s),
                    **{**kw, "seed": s})
     _all_paths_selection(scores["path"].tolist(), out / "select-all.parquet", meta)
     original_train = Path(bench["original_dir"]) / "train"
-    _all_paths_selection(list_images(original_train), out / "select-original.parquet",
+    originals = list_images(original_train)
+    _all_paths_selection(originals, out / "select-original.parquet",
                          {"classes": teacher_info["classes"]})
     clock("selections written", 1)
 
     steps = cfg["student"]["steps"]
-    n_labeled = round(len(list_images(original_train)) * (1 - cfg["teacher"]["val_split"]))  # less the val split
+    n_labeled = round(len(originals) * (1 - cfg["teacher"]["val_split"]))  # less the val split
     labels_epochs = max(1, round(steps / batches_per_epoch(n_labeled, cfg["student"]["batch_size"])))
     dafl_cfg = dict(student=cfg["student"]["student"], model_kwargs=cfg["student"]["model_kwargs"],
                     batch_size=cfg["student"]["batch_size"], lr=cfg["student"]["lr"],

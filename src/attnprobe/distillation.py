@@ -53,6 +53,13 @@ def selected_paths(selection, wild, teacher_sha256: str | None = None) -> tuple[
     """The selection's paths (checked to exist under the wild folder) and its JSON summary. With
     `teacher_sha256`, a selection whose table records the teacher that scored it (score's metadata, carried
     over by select) must have been scored by this teacher; a selection without the record passes."""
+    paths, summary, _ = _selection(selection, wild, teacher_sha256)
+    return paths, summary
+
+
+def _selection(selection, wild, teacher_sha256: str | None = None) -> tuple[list[str], dict, dict | None]:
+    """selected_paths, and for a pool of tar shards the members' index (shards.member_index; None for a
+    folder), built from the same reading of the table and listing of the shards."""
     df, meta = read_table(selection)
     if "path" not in df.columns or df.empty:
         raise AttnprobeError(f"{selection} has no selected paths; pass the output of `attnprobe select`")
@@ -64,8 +71,7 @@ def selected_paths(selection, wild, teacher_sha256: str | None = None) -> tuple[
     summary_path = Path(selection).with_suffix(".json")
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if is_shard_pool(wild):  # members of tar shards: each in a shard that `wild` names, readable by offset
-        member_index(df, wild, selection)
-        return df["path"].tolist(), summary
+        return df["path"].tolist(), summary, member_index(df, wild, selection)
     wild = Path(wild)
     if not wild.is_dir():
         what = "is a file, not a folder" if wild.exists() else "does not exist"
@@ -75,7 +81,7 @@ def selected_paths(selection, wild, teacher_sha256: str | None = None) -> tuple[
     if missing:
         raise AttnprobeError(f"{len(missing)} selected paths are not under {wild} (e.g. {missing[0]}); "
                              "pass the same --wild folder that was scored")
-    return paths, summary
+    return paths, summary, None
 
 
 def _scored_by(meta: dict) -> str:
@@ -153,10 +159,9 @@ def distill(teacher, wild, selection, *, out, test=None, student: str = "ap_digi
     net = net.to(device)
     s_blocks = map_blocks(t_blocks, t_depth, geometry(net)["depth"])
 
-    paths, summary = selected_paths(selection, wild, teacher_sha256)
+    paths, summary, members = _selection(selection, wild, teacher_sha256)
     # a shard pool's members are read by offset from their tar files; a folder's images by their paths
-    wild_loader = MemberLoader(member_index(read_table(selection)[0], wild, selection), t_info["in_chans"],
-                               cache=cache_images) if is_shard_pool(wild) else None
+    wild_loader = MemberLoader(members, t_info["in_chans"], cache=cache_images) if members is not None else None
     train_paths, held = split_holdout(paths if wild_loader else [os.path.join(wild, p) for p in paths], holdout, seed)
     train_ds = ImageList(train_paths, transform=train_transform(t_info, flip, affine, resize=resize),
                          in_chans=t_info["in_chans"], cache=cache_images, loader=wild_loader)

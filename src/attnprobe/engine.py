@@ -11,6 +11,8 @@ stderr names it ("skipped 1 unreadable image: PATH (REASON)"); the same files ar
 later epochs. A set in which no image at all can be read is an error."""
 from __future__ import annotations
 
+import itertools
+
 import sys
 
 import torch
@@ -149,9 +151,8 @@ def distill_one_epoch(model: nn.Module, teacher: nn.Module, loader, optimizers: 
     # The hooks are registered once for the epoch; each forward overwrites what they keep.
     with BlockTaps(teacher, output_blocks=teacher_blocks if use_probe else ()) as t_taps, \
             BlockTaps(student, output_blocks=student_blocks if use_probe else ()) as s_taps:
-        for step, (images, _) in enumerate(_batches(loader, "distill", progress, failed)):
-            if max_batches is not None and step >= max_batches:
-                break
+        # islice stops before fetching the batch past the last step (None: the whole epoch)
+        for images, _ in itertools.islice(_batches(loader, "distill", progress, failed), max_batches):
             images = images.to(device, non_blocking=True)
             with torch.no_grad():
                 t_logits = teacher(images).float()
