@@ -1,4 +1,4 @@
-"""JPEG decode + resize with draft mode (attnprobe.data.load_image with size_hint) vs full decode + resize.
+"""JPEG decode + resize with draft mode (attnprobe.io.images.load_image with size_hint) vs full decode + resize.
 
 Writes its own ImageNet-size photo-like JPEGs (500x375 to 1000x750, smooth colour fields with edges
 and grain, quality 90), then times load_image(path, 3, size_hint=t) + Resize(t) + CenterCrop(t)
@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision import transforms
 
-from attnprobe.data import load_image
+from attnprobe.io.images import load_image
 
 SIZES = [(500, 375), (640, 480), (800, 600), (1000, 750), (375, 500), (750, 1000)]
 

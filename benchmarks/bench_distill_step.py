@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from attnprobe.engine import DistillModel, distill_one_epoch
-from attnprobe.losses import NoiseAdaptation, kd_loss
+from attnprobe.method.losses import NoiseAdaptation, kd_loss
+from attnprobe.method.probe import default_distill_blocks
 from attnprobe.models import build_model, resolve_model
-from attnprobe.probe import default_distill_blocks
+from attnprobe.training.engine import DistillModel, distill_one_epoch
 
 
 def sync(device):

@@ -1,6 +1,6 @@
 """Scoring throughput / bare teacher forward throughput, on the same batches and model.
 
-The scoring forward is attnprobe.score.ScoringForward (the pass's per-batch work: one forward with
+The scoring forward is attnprobe.stages.score.ScoringForward (the pass's per-batch work: one forward with
 hooks on the probed blocks, the CLS attention rows, -log max softmax, softmax, copies to the host).
 Image decoding is excluded: both sides see the same in-memory batches. Timings alternate between the
 two sides, and the ratio is of medians.
@@ -17,9 +17,9 @@ import time
 
 import torch
 
+from attnprobe.method.probe import default_probe_blocks
 from attnprobe.models import build_model, resolve_model
-from attnprobe.probe import default_probe_blocks
-from attnprobe.score import ScoringForward
+from attnprobe.stages.score import ScoringForward
 
 
 def machine(device) -> str:

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnprobe.models import build_model, describe, resolve_model, save_checkpoint
-from attnprobe.select import read_table
+from attnprobe.io.checkpoints import save_checkpoint
+from attnprobe.io.tables import read_table
+from attnprobe.models import build_model, describe, resolve_model
 
 
 def run(cmd, env):

@@ -3,7 +3,7 @@
 Builds a pool of JPEGs (random sizes, --min-side..--max-side px) twice: as files in a folder (one folder
 per shard, as extracted) and as img2dataset-style tar shards (KEY.jpg + KEY.txt + KEY.json, `_stats.json`
 beside). A tiny random-init ViT (32 px input, depth 2, width 32) scores both in this process, through the
-same API call (attnprobe.score), so that the forward costs little and reading + decoding dominate. The two are timed
+same API call (attnprobe.stages.score), so that the forward costs little and reading + decoding dominate. The two are timed
 interleaved (files, shards, files, shards, ...; the page cache warm for both after the warm-up) and the
 ratio of medians files / shards is printed: >= 1.0 means shards are at least as fast (goal).
 
@@ -27,8 +27,9 @@ import torch
 from PIL import Image
 
 from attnprobe import score
-from attnprobe.models import build_model, describe, resolve_model, save_checkpoint
-from attnprobe.select import read_table
+from attnprobe.io.checkpoints import save_checkpoint
+from attnprobe.io.tables import read_table
+from attnprobe.models import build_model, describe, resolve_model
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 

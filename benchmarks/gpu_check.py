@@ -59,7 +59,8 @@ def reset_peak(device) -> None:
 
 
 def teacher_checkpoint(path: Path):
-    from attnprobe.models import build_model, describe, resolve_model, save_checkpoint
+    from attnprobe.io.checkpoints import save_checkpoint
+    from attnprobe.models import build_model, describe, resolve_model
     torch.manual_seed(0)
     arch, kw = resolve_model(TEACHER)
     model = build_model(arch, kw, CLASSES)
@@ -71,7 +72,7 @@ def teacher_checkpoint(path: Path):
 def timed_score(teacher, wild, out, device, flags: dict, batch_size: int, workers: int) -> dict:
     """`attnprobe score` end to end; the steady rate from the batch times seen by ScoringForward.scores."""
     from attnprobe import score
-    from attnprobe.score import ScoringForward
+    from attnprobe.stages.score import ScoringForward
     ends, original = [], ScoringForward.scores
 
     def scores(self, images, keep_probs=True):
@@ -113,10 +114,10 @@ def bare_forward(model, device, flags: dict, batch_size: int, iters: int) -> flo
 
 def distill_step(device, batch_size: int, steps: int) -> dict:
     """ms per step: attnprobe's distillation step and its floor, both under bf16 autocast, interleaved."""
-    from attnprobe.engine import DistillModel, distill_one_epoch
-    from attnprobe.losses import NoiseAdaptation, kd_loss
+    from attnprobe.method.losses import NoiseAdaptation, kd_loss
+    from attnprobe.method.probe import default_distill_blocks
     from attnprobe.models import build_model, resolve_model
-    from attnprobe.probe import default_distill_blocks
+    from attnprobe.training.engine import DistillModel, distill_one_epoch
     torch.manual_seed(0)
     teacher = build_model(*resolve_model(TEACHER), CLASSES).to(device).eval().requires_grad_(False)
     student = build_model(*resolve_model(STUDENT), CLASSES).to(device)

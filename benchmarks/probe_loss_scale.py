@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from attnprobe.losses import kd_loss, probe_distill_loss
+from attnprobe.method.losses import kd_loss, probe_distill_loss
+from attnprobe.method.probe import BlockTaps, default_distill_blocks
 from attnprobe.models import build_model, default_norm, resolve_model
-from attnprobe.probe import BlockTaps, default_distill_blocks
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "colorwheel", "camera", "moon", "coins", "clock", "grass", "gravel", "brick")

@@ -27,13 +27,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import torch
-
 from attnprobe.api import distill, evaluate, score, select, train_teacher
-from attnprobe.demo import RUNS, _train_only_root, default_cache
-from attnprobe.demo_data import _faces, _noise, _photo_crops, build_digits_benchmark, load_sources
+from attnprobe.app.demo import RUNS, _train_only_root, default_cache
+from attnprobe.app.demo_data import (
+    _faces,
+    _noise,
+    _photo_crops,
+    build_digits_benchmark,
+    load_sources,
+)
 
 # name -> select() settings; `attnprobe` is the paper's formula, `attnprobe-rank` the default
 CANDIDATES = {

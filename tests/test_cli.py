@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from attnprobe import load_checkpoint
-from attnprobe.cli import main
-from attnprobe.data import eval_transform, load_image
-from attnprobe.select import read_table
+from attnprobe.app.cli import main
+from attnprobe.io.images import eval_transform, load_image
+from attnprobe.io.tables import read_table
 
 from .conftest import CLASSES, TINY_STUDENT, TINY_TEACHER
 

@@ -6,10 +6,18 @@ import math
 import pytest
 import torch
 
-from attnprobe.cli import main
-from attnprobe.datafree import (Generator, activation_loss, generator_loss, information_entropy_loss, one_hot_loss,
-                                teacher_outputs, top1_agreement)
-from attnprobe.models import build_model, describe, read_checkpoint, save_checkpoint
+from attnprobe.app.cli import main
+from attnprobe.io.checkpoints import read_checkpoint, save_checkpoint
+from attnprobe.models import build_model, describe
+from attnprobe.stages.dafl import (
+    Generator,
+    activation_loss,
+    generator_loss,
+    information_entropy_loss,
+    one_hot_loss,
+    teacher_outputs,
+    top1_agreement,
+)
 
 from .conftest import CLASSES, TINY_STUDENT, TINY_TEACHER
 

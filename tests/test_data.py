@@ -5,8 +5,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from attnprobe.data import ImageList, eval_transform, labeled_folder, train_transform
 from attnprobe.errors import AttnprobeError
+from attnprobe.io.datasets import ImageList, labeled_folder
+from attnprobe.io.images import eval_transform, train_transform
 
 
 def _write(path, value):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from attnprobe import evaluate
-from attnprobe.cli import main
+from attnprobe.app.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def read_jsonl(path):
 
 
 def test_quick_demo_results(demo_run):
-    from attnprobe.select import DEFAULT_SELECTION
+    from attnprobe.method.selection import DEFAULT_SELECTION
     results = json.loads((demo_run / "results.json").read_text())
     names = [r["name"] for r in results["rows"]]
     paper = ["labels", "kd-original", "dafl", "dfnd", "attnprobe", "probe", "random"]

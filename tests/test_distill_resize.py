@@ -3,10 +3,10 @@ import pandas as pd
 import pytest
 import torch
 
-from attnprobe import distillation as train_mod
 from attnprobe.errors import AttnprobeError
-from attnprobe.models import read_checkpoint
-from attnprobe.select import write_table
+from attnprobe.io.checkpoints import read_checkpoint
+from attnprobe.io.tables import write_table
+from attnprobe.stages import distill as train_mod
 
 from .conftest import TINY_STUDENT
 

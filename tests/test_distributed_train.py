@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from attnprobe import load_checkpoint
-from attnprobe.data import eval_transform, load_image, split_holdout
-from attnprobe.models import read_checkpoint
-from attnprobe.select import read_table, write_table
+from attnprobe.io.checkpoints import read_checkpoint
+from attnprobe.io.datasets import split_holdout
+from attnprobe.io.images import eval_transform, load_image
+from attnprobe.io.tables import read_table, write_table
 
 from .conftest import TINY_STUDENT, TINY_TEACHER
 
@@ -102,9 +103,9 @@ REPLICAS = textwrap.dedent("""
     # Each rank distills on different random images; afterwards every parameter (student and Q) must be
     # identical on both ranks, i.e. DDP averaged all gradients, Q's included.
     import sys, torch, timm
-    from attnprobe import distributed as d
-    from attnprobe.engine import DistillModel, distill_one_epoch
-    from attnprobe.losses import NoiseAdaptation
+    from attnprobe.training import distributed as d
+    from attnprobe.training.engine import DistillModel, distill_one_epoch
+    from attnprobe.method.losses import NoiseAdaptation
     device = d.init_distributed("cpu")
     torch.manual_seed(0)
     kw = dict(img_size=16, patch_size=4, num_classes=3, depth=2, num_heads=2)

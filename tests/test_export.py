@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnprobe import AttnprobeError, load_checkpoint, save_checkpoint
-from attnprobe import export
+from attnprobe import AttnprobeError, export, load_checkpoint, save_checkpoint
 from attnprobe.models import build_model, describe
 
 CLASSES = ["hbar", "square", "vbar"]
@@ -77,7 +76,11 @@ def test_timm_folder_loads_with_timm_and_transformers(student, tmp_path):
 
 
 def test_transformers_folder(student, tmp_path):
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForImageClassification,
+        ViTForImageClassification,
+    )
     out = tmp_path / "hf"
     result = export(student, format="transformers", out=out)
     assert result["max_abs_diff"] <= 1e-5
@@ -100,7 +103,10 @@ def test_transformers_folder(student, tmp_path):
 
 
 def test_distilled_deit_to_transformers(tmp_path):
-    from transformers import AutoModelForImageClassification, DeiTForImageClassificationWithTeacher
+    from transformers import (
+        AutoModelForImageClassification,
+        DeiTForImageClassificationWithTeacher,
+    )
     ckpt = _student(tmp_path / "deit.pt", arch="deit_tiny_distilled_patch16_224")
     export(ckpt, format="transformers", out=tmp_path / "hf")
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "hf").eval()
@@ -159,7 +165,7 @@ def test_imported_eps_survives_transformers_export(tmp_path):
 
 
 def test_failed_check_leaves_nothing(student, tmp_path, monkeypatch):
-    export_module = importlib.import_module("attnprobe.exporter")
+    export_module = importlib.import_module("attnprobe.stages.export")
     monkeypatch.setitem(export_module._CHECKERS, "onnx", lambda model, info, path: 1.0)
     with pytest.raises(AttnprobeError, match="differ"):
         export(student, format="onnx", out=tmp_path / "m.onnx")

@@ -8,17 +8,23 @@ import pandas as pd
 import pytest
 import torch
 
-from attnprobe import distillation, load_checkpoint
-from attnprobe import train as train_mod
-from attnprobe.cli import main
-from attnprobe.data import (HOLDOUT_MAX, eval_transform, holdout_count, labeled_folder, load_image, split_holdout,
-                            stratified_split)
+from attnprobe import load_checkpoint
+from attnprobe.app.cli import main
 from attnprobe.errors import AttnprobeError
-from attnprobe.models import read_checkpoint
-from attnprobe.select import write_table
+from attnprobe.io.checkpoints import read_checkpoint
+from attnprobe.io.datasets import (
+    HOLDOUT_MAX,
+    holdout_count,
+    labeled_folder,
+    split_holdout,
+    stratified_split,
+)
+from attnprobe.io.images import eval_transform, load_image
+from attnprobe.io.tables import write_table
+from attnprobe.stages import distill as distillation
+from attnprobe.training import loop as train_mod
 
 from .conftest import CLASSES, TINY_STUDENT, TINY_TEACHER
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,7 +90,8 @@ def test_fidelity_is_agreement_with_the_teacher_on_the_holdout(with_test, image_
 
 def scripted(monkeypatch, fidelities, tests):
     """Fidelity and test top-1 of each epoch as given (the training itself is real)."""
-    from attnprobe.engine import evaluate as real_evaluate, fidelity as real_fidelity
+    from attnprobe.training.engine import evaluate as real_evaluate
+    from attnprobe.training.engine import fidelity as real_fidelity
     f_iter, t_iter = iter(fidelities), iter(tests)
 
     def fake_fidelity(*a, **k):
@@ -156,7 +163,7 @@ def test_without_test_set_through_the_cli(image_root, teacher_ckpt, selection, t
 
 
 def distill_help():
-    from attnprobe.cli import build_parser
+    from attnprobe.app.cli import build_parser
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     return sub.choices["distill"].format_help().replace("\n", " ")
 

@@ -8,8 +8,8 @@ import timm
 import torch
 
 from attnprobe import AttnprobeError, evaluate, import_teacher, load_checkpoint
-from attnprobe.cli import main
-from attnprobe.imports import CIFAR100, known_classes
+from attnprobe.app.cli import main
+from attnprobe.stages.import_teacher import CIFAR100, known_classes
 
 from .conftest import CLASSES, TINY_TEACHER
 

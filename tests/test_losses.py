@@ -4,7 +4,12 @@ import math
 import pytest
 import torch
 
-from attnprobe.losses import NoiseAdaptation, class_weights, kd_loss, probe_distill_loss
+from attnprobe.method.losses import (
+    NoiseAdaptation,
+    class_weights,
+    kd_loss,
+    probe_distill_loss,
+)
 
 
 def test_kd_loss_by_hand():

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from attnprobe.errors import AttnprobeError
-from attnprobe.prepare import prepare
+from attnprobe.stages.prepare import prepare
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR100_FINE = ["apple", "aquarium_fish", "baby", "bear", "beaver"]  # a few of the real 100
@@ -309,7 +309,7 @@ def test_unknown_kind(cifar10, tmp_path):
 def test_cli_prepare_feeds_train_teacher(cifar10, tmp_path, capsys):
     """`attnprobe prepare` on the official archive, then a teacher trains on the tree it wrote."""
     from attnprobe import load_checkpoint
-    from attnprobe.cli import main
+    from attnprobe.app.cli import main
 
     archive, _, _ = cifar10
     assert main(["prepare", "cifar10", str(archive), str(tmp_path / "c10"), "--no-progress"]) == 0

@@ -6,8 +6,17 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from attnprobe.probe import (BlockTaps, cls_attention, cls_patch_similarity, default_distill_blocks,
-                             default_probe_blocks, map_blocks, probe_scores, reduce_heads, uniform_cosine)
+from attnprobe.method.probe import (
+    BlockTaps,
+    cls_attention,
+    cls_patch_similarity,
+    default_distill_blocks,
+    default_probe_blocks,
+    map_blocks,
+    probe_scores,
+    reduce_heads,
+    uniform_cosine,
+)
 
 
 def tiny_vit(**kw):

@@ -8,13 +8,14 @@ import timm
 import torch
 
 from attnprobe import load_checkpoint
-from attnprobe.cli import main
-from attnprobe.data import eval_transform, labeled_folder
+from attnprobe.app.cli import main
+from attnprobe.app.report import write_report
+from attnprobe.app.report_run import pct, seconds, write_run_report
 from attnprobe.errors import AttnprobeError
-from attnprobe.measure import model_cost
-from attnprobe.report import write_report
-from attnprobe.report_run import pct, seconds, write_run_report
-from attnprobe.train import evaluate_model
+from attnprobe.io.datasets import labeled_folder
+from attnprobe.io.images import eval_transform
+from attnprobe.training.loop import evaluate_model
+from attnprobe.training.measure import model_cost
 
 from .conftest import TINY_STUDENT
 

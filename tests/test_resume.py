@@ -13,11 +13,19 @@ import torch
 from PIL import Image
 
 from attnprobe import load_checkpoint
-from attnprobe.cli import main
-from attnprobe.models import read_checkpoint
-from attnprobe.select import write_table
+from attnprobe.app.cli import main
+from attnprobe.io.checkpoints import read_checkpoint
+from attnprobe.io.tables import write_table
 
-from .conftest import CLASSES, CLI_ENV as ENV, TINY_STUDENT, TINY_TEACHER, cli, kill_after_first_epoch, shape_image
+from .conftest import (
+    CLASSES,
+    TINY_STUDENT,
+    TINY_TEACHER,
+    cli,
+    kill_after_first_epoch,
+    shape_image,
+)
+from .conftest import CLI_ENV as ENV
 
 
 def kwargs_args(kwargs):
@@ -135,7 +143,7 @@ def test_train_teacher_resume_and_resume_when_done(image_root, tmp_path, capsys)
 
 SLOW_SAVE = textwrap.dedent("""
     import io, sys, time, torch
-    from attnprobe.models import load_checkpoint, save_checkpoint
+    from attnprobe.io.checkpoints import load_checkpoint, save_checkpoint
     model, info = load_checkpoint(sys.argv[1])
     real_save = torch.save
     def slow_save(obj, f, *args, **kwargs):  # half the bytes, then hang: killed mid-write

@@ -10,14 +10,13 @@ import math
 import pandas as pd
 import pytest
 
-from attnprobe.cli import main
+from attnprobe.app.cli import main
 from attnprobe.errors import AttnprobeError
-from attnprobe.models import load_checkpoint, read_checkpoint
-from attnprobe.select import write_table
+from attnprobe.io.checkpoints import load_checkpoint, read_checkpoint
+from attnprobe.io.tables import write_table
 from attnprobe.settings import DistillSettings, SelectSettings, TeacherSettings
 
 from .conftest import TINY_TEACHER
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -222,7 +221,7 @@ def test_resumed_student_keeps_its_settings(image_root, teacher_ckpt, scored, di
 
 def test_score_parts_of_another_chunk_size_give_the_old_value(image_root, teacher_ckpt, tmp_path, capsys,
                                                               monkeypatch):
-    score_mod = importlib.import_module("attnprobe.score")  # the package exports a function of that name
+    score_mod = importlib.import_module("attnprobe.stages.score")  # the package exports a function of that name
     out = tmp_path / "s.parquet"
     argv = ["score", "--teacher", teacher_ckpt, "--wild", image_root / "wild", "--out", out, "--workers", 0,
             "--no-progress"]

@@ -11,11 +11,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnprobe.cli import main
-from attnprobe.data import (MAX_ASPECT, ImageSizeError, PathList, check_declared_size, class_folders, load_image,
-                            split_holdout)
-from attnprobe.models import load_checkpoint
-from attnprobe.select import read_table
+from attnprobe.app.cli import main
+from attnprobe.io.checkpoints import load_checkpoint
+from attnprobe.io.datasets import split_holdout
+from attnprobe.io.folders import PathList, class_folders
+from attnprobe.io.images import (
+    MAX_ASPECT,
+    ImageSizeError,
+    check_declared_size,
+    load_image,
+)
+from attnprobe.io.tables import read_table
 
 from .conftest import CLASSES, TINY_STUDENT, TINY_TEACHER, shape_image
 

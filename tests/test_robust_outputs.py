@@ -6,8 +6,8 @@ left half-written (the folder's files, bytes and mtimes are the same before and 
 from __future__ import annotations
 
 import errno
-import importlib
 import fcntl
+import importlib
 import os
 import shutil
 import stat
@@ -15,7 +15,7 @@ import stat
 import pandas as pd
 import pytest
 
-from attnprobe import cli
+from attnprobe.app import cli
 from attnprobe.errors import AttnprobeError
 
 from .conftest import TINY_STUDENT
@@ -119,7 +119,7 @@ def test_bad_outputs_are_refused_before_any_work(image_root, teacher_ckpt, score
 
 
 def test_unwritable_folder_is_refused(image_root, teacher_ckpt, scored, tmp_path, capsys, monkeypatch):
-    from attnprobe import outputs
+    from attnprobe.io import outputs
     monkeypatch.setattr(outputs.os, "access", lambda path, mode: False)  # as a read-only folder (root may write all)
     refused(capsys, _score(teacher_ckpt, image_root, tmp_path / "s.parquet"), "not writable", str(tmp_path),
             folders=(tmp_path,))
@@ -149,7 +149,7 @@ def test_run_folder_with_a_run_is_refused_unless_resume_or_overwrite(image_root,
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert (run / "best.pt").read_bytes() != before
     with pytest.raises(AttnprobeError, match="already holds a run"):  # the class itself, for direct callers
-        from attnprobe.train import RunDir
+        from attnprobe.training.loop import RunDir
         RunDir(run)
 
 
@@ -174,7 +174,7 @@ def test_second_score_on_the_same_out_is_refused(image_root, teacher_ckpt, tmp_p
 
 def test_full_disk_while_scoring_keeps_parts_and_rerun_continues(image_root, teacher_ckpt, tmp_path, capsys,
                                                                  monkeypatch):
-    score_mod = importlib.import_module("attnprobe.score")
+    score_mod = importlib.import_module("attnprobe.stages.score")
     real, calls = score_mod._write_part, []
 
     def write_part(parts, c, table, skipped):
@@ -194,7 +194,7 @@ def test_full_disk_while_scoring_keeps_parts_and_rerun_continues(image_root, tea
 
 
 def test_full_disk_while_training_says_resume(image_root, tmp_path, capsys, monkeypatch):
-    from attnprobe import models
+    from attnprobe.io import checkpoints as models
     real, saves = models.torch.save, []
 
     def save(obj, f, *a, **k):
@@ -216,7 +216,7 @@ def test_full_disk_while_training_says_resume(image_root, tmp_path, capsys, monk
 
 
 def test_other_errors_keep_their_traceback(image_root, teacher_ckpt, tmp_path, monkeypatch):
-    score_mod = importlib.import_module("attnprobe.score")
+    score_mod = importlib.import_module("attnprobe.stages.score")
 
     def broken(*a):
         raise OSError(errno.EIO, "Input/output error")
@@ -232,7 +232,7 @@ def test_other_errors_keep_their_traceback(image_root, teacher_ckpt, tmp_path, m
 
 
 def test_interrupted_says_how_to_continue(image_root, teacher_ckpt, tmp_path, capsys, monkeypatch):
-    score_mod = importlib.import_module("attnprobe.score")
+    score_mod = importlib.import_module("attnprobe.stages.score")
 
     def interrupt(*a):
         raise KeyboardInterrupt
@@ -252,10 +252,11 @@ def test_interrupted_says_how_to_continue(image_root, teacher_ckpt, tmp_path, ca
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_outputs_honour_the_umask(scored, tmp_path, umask):
     from attnprobe import api
-    from attnprobe.models import atomic_save, atomic_write_text
+    from attnprobe.io.atomic import write_text
+    from attnprobe.io.checkpoints import atomic_save
     old = os.umask(umask)
     try:
-        atomic_write_text(tmp_path / "a.json", "{}\n")
+        write_text(tmp_path / "a.json", "{}\n")
         atomic_save({"x": 1}, tmp_path / "b.pt")
         api.select(scored / "scores.parquet", out=tmp_path / "sel.parquet", num_select=3)
     finally:

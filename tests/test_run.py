@@ -4,8 +4,8 @@ import json
 
 import torch
 
-from attnprobe.cli import main
-from attnprobe.models import read_checkpoint
+from attnprobe.app.cli import main
+from attnprobe.io.checkpoints import read_checkpoint
 
 from .conftest import TINY_STUDENT, cli, kill_after_first_epoch
 

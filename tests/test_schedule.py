@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attnprobe.errors import AttnprobeError
-from attnprobe.train import lr_schedule
+from attnprobe.training.loop import lr_schedule
 
 
 def factors(schedule, epochs, warmup_epochs=0):

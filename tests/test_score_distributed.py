@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pandas as pd
 
-from attnprobe.cli import main
-from attnprobe.score import parts_dir
-from attnprobe.select import read_table
+from attnprobe.app.cli import main
+from attnprobe.io.tables import read_table
+from attnprobe.stages.score import parts_dir
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -52,8 +52,8 @@ def test_two_processes_equal_one(image_root, teacher_ckpt, tmp_path):
 
 def test_two_processes_resume_a_one_process_run(image_root, teacher_ckpt, tmp_path, monkeypatch):
     """Chunks do not depend on the process count: a stopped one-process run is finished by two."""
-    import attnprobe.score  # noqa: F401
-    score_mod = sys.modules["attnprobe.score"]
+    import attnprobe.stages.score  # noqa: F401
+    score_mod = sys.modules["attnprobe.stages.score"]
     wild = image_root / "wild"
     common = ["score", "--teacher", str(teacher_ckpt), "--wild", str(wild), "--chunk-size", "4",
               "--batch-size", "3", "--workers", "0", "--no-progress"]

@@ -17,11 +17,13 @@ import torch
 from PIL import Image
 
 from attnprobe import load_checkpoint, score
-from attnprobe.cli import main
-from attnprobe.data import PathList, eval_transform, load_image
-from attnprobe.models import build_model, describe, save_checkpoint
-from attnprobe.score import parts_dir, score_pool, skipped_path
-from attnprobe.select import read_table
+from attnprobe.app.cli import main
+from attnprobe.io.checkpoints import save_checkpoint
+from attnprobe.io.folders import PathList
+from attnprobe.io.images import eval_transform, load_image
+from attnprobe.io.tables import read_table
+from attnprobe.models import build_model, describe
+from attnprobe.stages.score import parts_dir, score_pool, skipped_path
 
 from .conftest import CLASSES, TINY_TEACHER, shape_image
 
@@ -197,7 +199,7 @@ def test_jpeg_draft_never_below_needed(tmp_path, size, hint):
 
 
 def test_path_list_is_compact_and_faithful(image_root):
-    from attnprobe.data import list_images
+    from attnprobe.io.folders import list_images
     listed = list_images(image_root / "wild")
     paths = PathList.from_dir(image_root / "wild")
     assert list(paths) == listed and len(paths) == len(listed) and paths[-1] == listed[-1]
@@ -224,8 +226,8 @@ def test_two_runs_identical_and_score_pool_agrees(image_root, teacher_ckpt, tmp_
 
 SLOW = """
 import sys, time
-import attnprobe.score
-s = sys.modules["attnprobe.score"]  # (the package's `score` attribute is the API function)
+import attnprobe.stages.score
+s = sys.modules["attnprobe.stages.score"]  # (the package's `score` attribute is the API function)
 mode, mark = sys.argv[1], sys.argv[2]
 if mode == "parts":          # slow down after each finished part, so the test can kill mid-run
     write = s._write_part
@@ -241,7 +243,7 @@ else:                        # hang in the middle of writing the final table
             open(mark, "w").close()
             time.sleep(60)
     s.pq.ParquetWriter = Slow
-from attnprobe.cli import main
+from attnprobe.app.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 
@@ -333,8 +335,8 @@ def test_settings_mismatch_names_the_fix(big_pool, teacher_ckpt, tmp_path, capsy
 
 def test_scoring_forward_is_probe_scores(teacher_ckpt):
     """The pass's per-batch math is probe.probe_scores' (one forward, CLS row), plus -log max softmax."""
-    from attnprobe.probe import probe_scores
-    from attnprobe.score import ScoringForward
+    from attnprobe.method.probe import probe_scores
+    from attnprobe.stages.score import ScoringForward
     model, _ = load_checkpoint(teacher_ckpt)
     x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     for heads in ("first", "mean"):
@@ -352,8 +354,11 @@ def test_stretch_scores_the_whole_image(image_root, teacher_ckpt, tmp_path):
     """--resize stretch: every image resized whole to the square input (the reference's way); recorded in the
     table's metadata and guarded on resume."""
     from attnprobe.errors import AttnprobeError
-    from attnprobe.score import GUARDED, _check_settings
-    from attnprobe.score import score  # the pass itself (api.score forwards to it)
+    from attnprobe.stages.score import (
+        GUARDED,
+        _check_settings,
+        score,  # the pass itself (api.score forwards to it)
+    )
     wild = image_root / "wild"
     kw = dict(batch_size=7, workers=0, progress=False, chunk_size=8, device="cpu")
     meta = score(teacher_ckpt, wild, tmp_path / "s.parquet", resize="stretch", **kw)

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from attnprobe import AttnprobeError, select
-from attnprobe.select import read_table, select_images, strategy_scores, write_table
+from attnprobe.io.tables import read_table, write_table
+from attnprobe.method.selection import select_images, strategy_scores
 
 
 @pytest.fixture

@@ -17,14 +17,21 @@ import torch
 
 from attnprobe import AttnprobeError, distill, score
 from attnprobe.api import reshard, select
-from attnprobe.cli import main
-from attnprobe.data import PathList
-from attnprobe.distillation import selected_paths
-from attnprobe.outputs import parts_dir, skipped_path, uids_path
-from attnprobe.score_shards import _write_shard_part, finished_shards
-from attnprobe.select import read_table, write_table
-from attnprobe.shards import (Shard, TarSamples, datacomp_uids, deal_shards, expand_braces, list_shards,
-                              shard_weights)
+from attnprobe.app.cli import main
+from attnprobe.io.folders import PathList
+from attnprobe.io.outputs import parts_dir, skipped_path, uids_path
+from attnprobe.io.shards import (
+    Shard,
+    datacomp_uids,
+    deal_shards,
+    expand_braces,
+    list_shards,
+    shard_weights,
+)
+from attnprobe.io.tables import read_table, write_table
+from attnprobe.io.tar_members import TarSamples
+from attnprobe.stages.distill import selected_paths
+from attnprobe.stages.score_shards import _write_shard_part, finished_shards
 
 from .conftest import CLASSES, TINY_STUDENT, shape_image
 from .test_score_distributed import assert_same_table, torchrun
@@ -185,13 +192,13 @@ def test_a_part_is_trusted_while_its_shard_is_unchanged(tmp_path, scored):
 
 SLOW = """
 import sys, time
-import attnprobe.score_shards as s
+import attnprobe.stages.score_shards as s
 write = s._write_shard_part
 def slow(*a):
     write(*a)
     time.sleep(1.0)
 s._write_shard_part = slow
-from attnprobe.cli import main
+from attnprobe.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -5,11 +5,11 @@ import json
 import pandas as pd
 import pytest
 
-from attnprobe import distillation
-from attnprobe.cli import main
-from attnprobe.models import read_checkpoint
-from attnprobe.select import write_table
-from attnprobe.train import batches_per_epoch
+from attnprobe.app.cli import main
+from attnprobe.io.checkpoints import read_checkpoint
+from attnprobe.io.tables import write_table
+from attnprobe.stages import distill as distillation
+from attnprobe.training.loop import batches_per_epoch
 
 from .conftest import TINY_STUDENT
 

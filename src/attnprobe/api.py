@@ -6,16 +6,24 @@ import os
 from pathlib import Path
 
 from .errors import AttnprobeError
-from .exporter import export
-from .imports import import_teacher
-from .models import atomic_write_text
-from .outputs import check_out, check_score_out, check_select_out, check_train_out
-from .select import read_table, select_images, write_table
-from .settings import (DaflSettings, DistillSettings, ReshardSettings, ScoreSettings, SelectSettings,
-                       TeacherSettings)
-from .datafree import dafl as _dafl
-from .distillation import distill as _distill
-from .train import evaluate_checkpoint as evaluate, train_teacher as _train_teacher
+from .io.atomic import write_text
+from .io.outputs import check_out, check_score_out, check_select_out, check_train_out
+from .io.tables import read_table, write_table
+from .method.selection import select_images
+from .settings import (
+    DaflSettings,
+    DistillSettings,
+    ReshardSettings,
+    ScoreSettings,
+    SelectSettings,
+    TeacherSettings,
+)
+from .stages.dafl import dafl as _dafl
+from .stages.distill import distill as _distill
+from .stages.export import export
+from .stages.import_teacher import import_teacher
+from .training.loop import evaluate_checkpoint as evaluate
+from .training.loop import train_teacher as _train_teacher
 
 __all__ = ["prepare", "train_teacher", "score", "select", "distill", "dafl", "reshard", "evaluate", "import_teacher",
            "export"]
@@ -23,7 +31,7 @@ __all__ = ["prepare", "train_teacher", "score", "select", "distill", "dafl", "re
 
 def prepare(kind: str, src, out, progress: bool = True) -> dict:
     """Convert an official CIFAR-10/100 or Tiny-ImageNet archive or folder into an ImageFolder tree."""
-    from .prepare import prepare as _prepare
+    from .stages.prepare import prepare as _prepare
     return _prepare(kind, src, out, progress=progress)
 
 
@@ -35,7 +43,7 @@ def score(teacher, wild, out, *, settings: ScoreSettings | None = None, **overri
     Resumable: a stopped run leaves finished chunks of `chunk_size` images in `<out>.parts/`, and the
     same call continues from them. Under torchrun the chunks are shared among the processes. Returns
     the table's metadata plus `scored`, `skipped`, `rows` (= scored) and `skipped_csv`."""
-    from .score import score as _score
+    from .stages.score import score as _score
     s = ScoreSettings.build(settings, **overrides)
     check_score_out(out, teacher=teacher, wild=wild)
     return _score(teacher, wild, out, **s.asdict())
@@ -54,10 +62,10 @@ def select(scores, *, out, settings: SelectSettings | None = None, **overrides) 
                                       meta.get("num_classes"))
     summary.update(scores=os.path.abspath(scores), classes=meta.get("classes"))
     out = Path(out)
-    from .shards import write_selection_uids
+    from .io.shards import write_selection_uids
     summary["uids_npy"] = write_selection_uids(selected, out)  # a shard pool's: DataComp's subset file
     write_table(selected, out, {**meta, "selection": summary})
-    atomic_write_text(out.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")
+    write_text(out.with_suffix(".json"), json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -65,7 +73,7 @@ def reshard(selection, wild, *, out, settings: ReshardSettings | None = None, **
     """Copy the selected samples of the shard pool `wild` (all their members) into new tar shards in the folder
     `out`, with `_stats.json` and the selection re-pointed at them (OUT/selection.parquet). Settings:
     `ReshardSettings` (shard_size). Returns {shards, samples, members, out, selection}."""
-    from .reshard import reshard as _reshard
+    from .stages.reshard import reshard as _reshard
     s = ReshardSettings.build(settings, **overrides)
     check_out(out, kind="dir", example="resharded", inputs={"--selection": selection})
     return _reshard(selection, wild, out, **s.asdict())

@@ -1,4 +1,4 @@
-"""Named model presets and self-describing checkpoints.
+"""Named model presets, and building a checked timm ViT from a name and its constructor arguments.
 
 Every model is a timm VisionTransformer with a CLS token. A checkpoint carries the
 architecture, its constructor arguments, the class names, the input geometry and
@@ -7,20 +7,12 @@ the normalisation, so that no later command has to be told them again.
 from __future__ import annotations
 
 import ast
-import hashlib
 import math
-import os
-import tempfile
-from pathlib import Path
 
 import timm
-import torch
 from torch import nn
 
-from .errors import AttnprobeError
-
-CHECKPOINT_FORMAT = "attnprobe-checkpoint"
-CHECKPOINT_VERSION = 1
+from .errors import AttnprobeError, first_line
 
 # The paper's sizes at 32x32 with 4x4 patches (65 tokens) and their 28x28 one-channel
 # variants (50 tokens). Each is a timm architecture plus constructor overrides.
@@ -133,11 +125,11 @@ def build_model(arch: str, model_kwargs: dict, num_classes: int, *, layer_norm_e
     try:
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **model_kwargs)
     except TypeError as e:
-        raise AttnprobeError(f"model {arch!r} does not take these --model-kwargs ({_first_line(e)}); fix the key "
+        raise AttnprobeError(f"model {arch!r} does not take these --model-kwargs ({first_line(e)}); fix the key "
                              "names") from None
     except (ValueError, AssertionError, KeyError, ZeroDivisionError) as e:  # timm's own checks of the values
         shown = " ".join(f"{k}={v!r}" for k, v in model_kwargs.items())
-        raise AttnprobeError(f"model {arch!r} cannot be built with --model-kwargs {shown} ({_first_line(e)}); "
+        raise AttnprobeError(f"model {arch!r} cannot be built with --model-kwargs {shown} ({first_line(e)}); "
                              "fix the values") from None
     check_vit(model, arch)
     if layer_norm_eps is not None:
@@ -161,12 +153,6 @@ def check_vit(model: nn.Module, name: str = "model") -> None:
     if grid and min(grid) < 1:
         raise AttnprobeError(f"{name}: patch_size {list(pe.patch_size)} is larger than img_size {list(pe.img_size)}, "
                              "so there are no patches; use a smaller patch_size or a larger img_size")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
 
 def geometry(model: nn.Module) -> dict:
     """Input size, channels, token grid and prefix-token count of a timm ViT."""
@@ -200,106 +186,3 @@ def describe(model: nn.Module, arch: str, model_kwargs: dict, classes: list[str]
         "std": [float(s) for s in std], "accuracy": accuracy,
         "params": sum(p.numel() for p in model.parameters()), **extra,
     }
-
-
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """torch.save whole or not at all: write a temporary file in the same folder, fsync it, rename it over
-    `path`, fsync the folder. A kill at any point leaves either the old file or the new one, never a torn one.
-    The file gets the usual mode of a new file (0666 less the umask). A failed write (no space, ...) is
-    raised as the OSError it is, naming `path`."""
-    from .outputs import with_path
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and with_path(e, path) is not e:
-            raise with_path(e, path) from None
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write a text file whole or not at all: temp file in the same folder, fsync, rename. The file gets
-    the usual mode of a new file (0666 less the umask), not mkstemp's 0600."""
-    from .outputs import default_mode, with_path
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, default_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and with_path(e, path) is not e:
-            raise with_path(e, path) from None
-        raise
-
-
-def file_sha256(path) -> str:
-    """The SHA-256 of a file's bytes (a teacher's identity in score tables and run keys)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(path, model: nn.Module, info: dict, **state) -> None:
-    """Write model weights and info; `state` holds resumable training state (optimizer, epoch, ...)."""
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "info": info,
-                 "model": model.state_dict(), **state}, path)
-
-
-def read_checkpoint(path) -> dict:
-    """The raw checkpoint dict, after checking that it is one of ours."""
-    path = Path(path)
-    if path.is_dir():
-        hint = next((f" such as {path / n}" for n in ("best.pt", "last.pt") if (path / n).is_file()), "")
-        raise AttnprobeError(f"checkpoint {path} is a folder, not a checkpoint file; pass a file{hint} (the best.pt "
-                             "or last.pt of a run)")
-    if not path.is_file():
-        raise AttnprobeError(f"checkpoint {path} does not exist; pass the best.pt or last.pt of a run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and truncation errors all mean the same thing here
-        raise AttnprobeError(f"{path} is not a readable attnprobe checkpoint ({type(e).__name__}); "
-                             "pass a file written by train-teacher or distill") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise AttnprobeError(f"{path} is not an attnprobe checkpoint; pass a file written by train-teacher or distill")
-    return ckpt
-
-
-def load_checkpoint(path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """(timm model in eval mode, info dict) from a checkpoint written by attnprobe."""
-    ckpt = read_checkpoint(path)
-    info = ckpt["info"]
-    model = build_model(info["arch"], info["model_kwargs"], info["num_classes"],
-                        layer_norm_eps=info.get("layer_norm_eps"))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), info

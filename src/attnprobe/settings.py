@@ -218,7 +218,10 @@ class TeacherSettings(_TrainSettings):
 def _check_model(name: str, model_kwargs: dict) -> None:
     """The model name known and its constructor kwargs (the preset's merged with --model-kwargs) consistent,
     before any work starts; build_model checks them again with the final input geometry."""
-    from .models import check_model_kwargs, resolve_model  # lazy: models imports torch and timm
+    from .models import (  # lazy: models imports torch and timm
+        check_model_kwargs,
+        resolve_model,
+    )
     check_model_kwargs(resolve_model(name, model_kwargs)[1])
 
 
@@ -318,6 +321,67 @@ class RunSettings(Settings):
 class ReshardSettings(Settings):
     shard_size: int = setting(10000, "samples per new shard", check=_AT_LEAST_1)
     progress: bool = _progress()
+
+
+@dataclass(kw_only=True)
+class EvaluateSettings(Settings):
+    batch_size: int = setting(256, "images per batch (per process)", check=_AT_LEAST_1, runtime=True)
+    workers: int = _workers()
+    device: str | None = _device()
+    progress: bool = _progress()
+
+
+@dataclass(kw_only=True)
+class ExportSettings(Settings):
+    format: str = setting(MISSING, "what to write: a timm folder, a transformers folder or an ONNX file",
+                          choices=("timm", "transformers", "onnx"))
+    check: bool = setting(True, "load the export back with its own library and compare its logits")
+
+
+@dataclass(kw_only=True)
+class ImportSettings(Settings):
+    model: str | None = setting(None, "preset or timm name, where the source does not say it (DeiT/reference "
+                                      "checkpoints, bare state dicts, .safetensors)")
+    model_kwargs: dict = setting({}, "constructor overrides the teacher was built with, e.g. img_size=32 "
+                                     "patch_size=4", metavar="K=V")
+    classes: str | None = setting(None, "class names where the source has none: a file (one per line, in index "
+                                        "order) or a known set", metavar="FILE|cifar10|cifar100|imagenet")
+    mean: list[float] | None = setting(None, "normalisation mean where the source has none (default: timm's for "
+                                             "the architecture)")
+    std: list[float] | None = setting(None, "normalisation std where the source has none", check=_POSITIVE)
+    val: str | None = setting(None, "labeled folder of the teacher's classes: measure its accuracy (noise "
+                                    "adaptation's alpha) as `attnprobe evaluate` does")
+    accuracy: float | None = setting(None, "the teacher's accuracy as a fraction, e.g. 0.9665", check=_FRACTION)
+    ema: bool = setting(False, "take the EMA weights (model_ema / state_dict_ema)")
+    batch_size: int = setting(256, "images per batch (per process) of --val", check=_AT_LEAST_1, runtime=True)
+    workers: int = _workers()
+    device: str | None = _device()
+    progress: bool = _progress()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.val is not None and self.accuracy is not None:
+            raise AttnprobeError("pass --val (measure the accuracy) or --accuracy (state it), not both")
+
+
+@dataclass(kw_only=True)
+class PrepareSettings(Settings):
+    kind: str = setting(MISSING, "the official data set to convert", choices=("cifar10", "cifar100",
+                                                                              "tinyimagenet"))
+    progress: bool = _progress()
+
+
+@dataclass(kw_only=True)
+class DemoSettings(Settings):
+    quick: bool = setting(False, "a smaller run for the test suite (57 s measured on an idle 2-core machine with "
+                                 "the benchmark cached; the full run: 15.5 min, 13.5 min with its teacher cached)")
+    cache: str | None = setting(None, "where the benchmark images are built and reused (default: "
+                                      "$XDG_CACHE_HOME/attnprobe)", runtime=True)
+    workers: int = setting(0, "DataLoader workers (0: the 28x28 images decode faster in the training process "
+                              "than in workers on a small CPU)", check=_NOT_NEGATIVE, runtime=True)
+    seed: int = setting(0, "seed of the benchmark and the teacher; the students use this seed and the next ones")
+    jobs: int | None = setting(None, "student trainings at once (default: one per CPU core, at most 8), each "
+                                     "with its share of the cores", check=_AT_LEAST_1, runtime=True)
 
 
 def _base_type(annotation):

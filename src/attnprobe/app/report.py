@@ -1,0 +1,300 @@
+"""The results report of a demo run: figures (PNG beside, embedded in one offline HTML file), the
+table of rows like the paper's Table 1, and plain statements of which strategy won and lost."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from ..errors import AttnprobeError
+from ..io.atomic import write_text
+from ..io.checkpoints import load_checkpoint
+from ..io.images import eval_transform, load_image
+from ..io.tables import read_table
+from ..method.probe import BlockTaps
+from ..method.selection import probe_columns, strategy_scores
+
+SOURCE_ORDER = ["mnist_heldout", "sklearn_digits", "photo_crops", "faces", "noise"]
+
+
+def auroc(values: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a random positive < score of a random negative): how well LOW values pick positives."""
+    ranks = pd.Series(-values).rank().to_numpy()  # Mann-Whitney U from ranks; ties averaged
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _sources_sorted(sources: pd.Series) -> list[str]:
+    present = list(dict.fromkeys(sources))
+    return [s for s in SOURCE_ORDER if s in present] + sorted(s for s in present if s not in SOURCE_ORDER)
+
+
+def fig_score_terms(scores: pd.DataFrame, source: pd.Series) -> Figure:
+    terms = ["outlier"] + probe_columns(scores)
+    fig = Figure(figsize=(4.2 * len(terms), 3.4), layout="constrained")
+    for ax, term in zip(fig.subplots(1, len(terms), squeeze=False)[0], terms):
+        values = scores[term].to_numpy()
+        bins = np.linspace(values.min(), values.max(), 40)
+        for s in _sources_sorted(source):
+            ax.hist(values[source.to_numpy() == s], bins=bins, histtype="step", linewidth=1.6, density=True, label=s)
+        ax.set_title(f"{term} (lower = preferred)")
+        ax.set_xlabel(term)
+    fig.axes[0].legend(fontsize=8)
+    fig.suptitle("Score terms of every wild image, by source")
+    return fig
+
+
+def _thumb(ax, path, title=None, color=None, *, in_chans: int = 1, size: int = 160):
+    """One image, shrunk to at most `size` pixels, grey (in_chans 1) or colour; a file that cannot be read
+    any more is an empty square saying so. `color` frames it, `title` goes above it."""
+    try:
+        img = load_image(path, in_chans, size_hint=size)
+        img.thumbnail((size, size))
+        ax.imshow(img, **({"cmap": "gray", "vmin": 0, "vmax": 255} if in_chans == 1 else {}))
+    except Exception as e:  # moved or changed since it was scored: the figure still shows the others
+        ax.text(0.5, 0.5, f"unreadable\n{type(e).__name__}", ha="center", va="center", fontsize=6,
+                transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if color:
+        for side in ax.spines.values():
+            side.set_edgecolor(color)
+            side.set_linewidth(2.5)
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def fig_ranked(scores: pd.DataFrame, order_score: np.ndarray, wild: Path, is_digit: np.ndarray, name: str,
+               n: int = 12) -> Figure:
+    """The n best-ranked (selected first) and n worst-ranked wild images of one strategy."""
+    order = np.lexsort((np.arange(len(order_score)), order_score))
+    fig = Figure(figsize=(n * 0.9, 2.3), layout="constrained")
+    axes = fig.subplots(2, n)
+    for row, idx in enumerate([order[:n], order[::-1][:n]]):
+        for ax, i in zip(axes[row], idx):
+            _thumb(ax, wild / scores.path.iat[i], color="tab:green" if is_digit[i] else "tab:red")
+        axes[row][0].set_ylabel(["best", "worst"][row], fontsize=9)
+    fig.suptitle(f"{name}: best-ranked (top) and worst-ranked (bottom); green frame = digit", fontsize=10)
+    return fig
+
+
+@torch.no_grad()
+def fig_attention(teacher_ckpt, wild: Path, paths: list[str], labels: list[str], blocks: list[int],
+                  resize: str = "crop", title: str | None = None) -> Figure:
+    """The attention probe (head 0's CLS attention over patches) at each probed block, over the image as the
+    teacher saw it (brought to its input by `resize`, as the scores were: `crop` or `stretch`)."""
+    model, info = load_checkpoint(teacher_ckpt)
+    x = torch.stack([eval_transform(info, resize=resize)(load_image(wild / p, info["in_chans"])) for p in paths])
+    with BlockTaps(model, qkv_blocks=blocks) as taps:
+        model(x)
+        maps = [taps.cls_attention(b)[:, 0, model.num_prefix_tokens:] for b in blocks]
+    mean, std = torch.tensor(info["mean"])[:, None, None], torch.tensor(info["std"])[:, None, None]
+    seen = (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # the teacher's input, un-normalised
+    gray = seen.shape[-1] == 1
+    grid = model.patch_embed.grid_size
+    fig = Figure(figsize=(1.6 * (1 + len(blocks)), 1.6 * len(paths)), layout="constrained")
+    axes = fig.subplots(len(paths), 1 + len(blocks), squeeze=False)
+    for i, p in enumerate(paths):
+        img = seen[i][..., 0] if gray else seen[i]
+        for j, ax in enumerate(axes[i]):
+            ax.imshow(img, cmap="gray" if gray else None, vmin=0, vmax=1, extent=(0, 1, 1, 0))
+            if j:
+                ax.imshow(maps[j - 1][i].reshape(grid).numpy(), cmap="inferno", alpha=0.6, extent=(0, 1, 1, 0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"block {blocks[j - 1]}" if j else "teacher's input", fontsize=8)
+        axes[i][0].set_ylabel(labels[i], fontsize=8)
+    fig.suptitle(title or "Attention probe: CLS attention over patches (head 0)", fontsize=10)
+    return fig
+
+
+def fig_top1(results: dict) -> Figure:
+    """Mean test top-1 per row over its seeds, the sd as an error bar and each seed as a dot."""
+    rows = results["rows"]
+    names = ["teacher"] + [r["name"] for r in rows]
+    means = [100 * results["teacher"]["top1"]] + [100 * r["top1"] for r in rows]
+    sds = [0.0] + [100 * r.get("top1_sd", 0.0) for r in rows]
+    colors = ["tab:gray"] + [{"reference": "tab:blue", "no data": "tab:purple"}.get(r["kind"], "tab:orange")
+                             for r in rows]
+    fig = Figure(figsize=(1.1 * len(names) + 1, 3.6), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.bar(names, means, yerr=sds, capsize=4, color=colors, alpha=0.85)
+    ax.bar_label(bars, labels=[f"{m:.1f}" + (f"\n±{s:.1f}" if s else "") for m, s in zip(means, sds)], fontsize=7,
+                 padding=2)
+    for i, r in enumerate(rows, start=1):
+        seeds = [100 * v for v in r.get("test_top1", [])] if isinstance(r.get("test_top1"), list) else []
+        ax.plot([i] * len(seeds), seeds, "k.", markersize=4)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylim(0, 110)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    ax.set_title("Test top-1 per row: mean ± sd over seeds, dots = seeds (blue: original data, purple: no data, "
+                 "orange: wild images)", fontsize=9)
+    return fig
+
+
+def fig_class_hist(results: dict, run: Path) -> Figure:
+    sel_rows = [r for r in results["rows"] if r["kind"] == "selection"]
+    fig = Figure(figsize=(8, 3.2), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(sel_rows)
+    for k, r in enumerate(sel_rows):
+        hist = json.loads((run / _first(r["selection"])).with_suffix(".json").read_text())["pred_histogram"]
+        ax.bar(np.arange(len(hist)) + k * width, hist, width, label=r["name"])
+    ax.set_xticks(np.arange(len(hist)) + 0.4 - width / 2, [str(c) for c in range(len(hist))])
+    ax.set_xlabel("teacher's predicted class")
+    ax.set_ylabel("selected images")
+    ax.legend(fontsize=8)
+    ax.set_title("Class histogram of each selection (the first seed's, for random)")
+    return fig
+
+
+def _first(selection):
+    return selection[0] if isinstance(selection, list) else selection
+
+
+def _png(fig: Figure, path: Path) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    path.write_bytes(buf.getvalue())
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def differs(a: dict, b: dict) -> bool:
+    """Whether two rows' mean top-1 differ by more than the spread of their seeds (the larger sd): the only
+    differences the findings claim."""
+    return abs(a["top1"] - b["top1"]) > max(a.get("top1_sd", 0.0), b.get("top1_sd", 0.0))
+
+
+def _compare(a: dict, b: dict) -> str:
+    diff = 100 * (a["top1"] - b["top1"])
+    if not differs(a, b):
+        return (f"{a['name']} and {b['name']} are within the spread of their seeds ({diff:+.1f} points, sd "
+                f"{100 * a.get('top1_sd', 0):.1f} and {100 * b.get('top1_sd', 0):.1f}): no difference is claimed")
+    return f"{a['name']} {'beats' if diff > 0 else 'loses to'} {b['name']} by {abs(diff):.1f} points of top-1"
+
+
+def findings(results: dict, aurocs: dict) -> list[str]:
+    """Plain statements drawn from the numbers, including where a strategy loses; a difference between two
+    rows is claimed only when it is larger than the spread of their seeds."""
+    rows = {r["name"]: r for r in results["rows"]}
+    wild = [r for r in results["rows"] if r["kind"] in ("selection", "wild")]
+    best = max(wild, key=lambda r: r["top1"])
+    n_seeds = len(best["test_top1"]) if isinstance(best.get("test_top1"), list) else 1
+    out = [f"Best wild row: <b>{best['name']}</b>, {100 * best['top1']:.1f} ± {100 * best.get('top1_sd', 0):.1f}% "
+           f"test top-1 over {n_seeds} seeds ({100 * best['relative_top1']:.0f}% of the teacher's "
+           f"{100 * results['teacher']['top1']:.1f}%)."]
+    if "random" in rows:
+        for r in wild:
+            if r["name"] != "random":
+                out.append(f"{_compare(r, rows['random'])} (precision {100 * r['precision']:.0f}% vs "
+                           f"{100 * rows['random']['precision']:.0f}%).")
+    for a, b in (("attnprobe", "dfnd"), ("attnprobe", "all"), ("dfnd", "dafl"), ("kd-original", "attnprobe")):
+        if a in rows and b in rows:
+            out.append(_compare(rows[a], rows[b]) + ".")
+    default = results.get("default_selection")
+    if default in rows and default != "attnprobe" and "attnprobe" in rows:
+        out.append(f"The default selection ({default}): {_compare(rows[default], rows['attnprobe'])}.")
+    for term, a in aurocs.items():
+        note = " — inverted: low values pick non-digits" if a < 0.5 else ""
+        out.append(f"AUROC of <code>{term}</code> for telling digits from non-digits (low = digit): {a:.2f}{note}.")
+    return out
+
+
+def _demo_results(run: Path) -> dict:
+    """results.json of a demo run, checked: readable, complete, and its benchmark images still there."""
+    try:
+        results = json.loads((run / "results.json").read_text())
+        wild, sources = Path(results["pool"]["wild_dir"]), Path(results["pool"]["sources_csv"])
+        if not isinstance(results["rows"], list) or not results["teacher"]["checkpoint"]:
+            raise ValueError("no rows or no teacher checkpoint")
+    except (ValueError, KeyError, TypeError) as e:
+        raise AttnprobeError(f"{run / 'results.json'} is damaged or incomplete ({type(e).__name__}: {e}); run "
+                             f"`attnprobe demo --out {run}` again to rebuild it") from None
+    if not (wild.is_dir() and sources.is_file()):
+        raise AttnprobeError(f"the benchmark images of {run} are no longer at {wild.parent} (the cache moved or was "
+                             f"cleared); run `attnprobe demo --out {run}` again (with --cache if it lives elsewhere)")
+    return results
+
+
+def write_report(run) -> Path:
+    """Build RUN/report.html (self-contained) and RUN/figures/*.png from a finished demo run, or from an
+    `attnprobe run` folder (config.json; see report_run.write_run_report)."""
+    run = Path(run)
+    if not (run / "results.json").is_file():
+        if (run / "config.json").is_file():
+            from .report_run import write_run_report
+            return write_run_report(run)
+        raise AttnprobeError(f"{run} has no results.json (a finished `attnprobe demo`) nor config.json (an "
+                             "`attnprobe run` folder); pass the output folder of one of them")
+    results = _demo_results(run)
+    scores, meta = read_table(run / "scores.parquet")
+    sources = pd.read_csv(results["pool"]["sources_csv"]).set_index("path").loc[scores.path]
+    source, is_digit = sources["source"].reset_index(drop=True), (sources["label"] >= 0).to_numpy()
+    wild = Path(results["pool"]["wild_dir"])
+    figs_dir = run / "figures"
+    figs_dir.mkdir(exist_ok=True)
+    figs = [("Score terms by source", _png(fig_score_terms(scores, source), figs_dir / "score_terms.png"))]
+    for r in results["rows"]:
+        if r["kind"] == "selection":
+            s = r["settings"]
+            order = strategy_scores(scores, s["strategy"], s["w_attn"], s["w_out"], 0, s["normalize"])
+            figs.append((f"Ranking of {r['name']}", _png(fig_ranked(scores, order, wild, is_digit, r["name"]),
+                                                        figs_dir / f"ranked_{r['name']}.png")))
+    rng = np.random.default_rng(0)
+    picks = [int(rng.choice(np.flatnonzero(source.to_numpy() == s))) for s in _sources_sorted(source)]
+    figs.append(("Attention probe heatmaps", _png(fig_attention(
+        run / results["teacher"]["checkpoint"], wild, [scores.path.iat[i] for i in picks],
+        [source.iat[i] for i in picks], meta["blocks"]), figs_dir / "attention_probe.png")))
+    figs.append(("Test top-1", _png(fig_top1(results), figs_dir / "top1.png")))
+    figs.append(("Class histograms", _png(fig_class_hist(results, run), figs_dir / "class_histograms.png")))
+    aurocs = {t: auroc(scores[t].to_numpy(), is_digit) for t in ["outlier"] + probe_columns(scores)}
+    path = run / "report.html"
+    write_text(path, _html(results, figs, findings(results, aurocs)))
+    return path
+
+
+def _html(results: dict, figs, notes) -> str:
+    t = results["teacher"]
+    head = ("<tr><th>row</th><th>data</th><th>method</th><th>test top-1 (mean ± sd)</th><th>seeds</th>"
+            "<th>of teacher</th><th>steps</th><th>precision</th><th>composition of the selection</th></tr>")
+    body = [f"<tr><td>teacher</td><td>original training set, labels ({t['params']:,} params)</td><td></td>"
+            f"<td>{100 * t['top1']:.2f}</td><td></td><td>100%</td><td></td><td></td><td></td></tr>"]
+    for r in results["rows"]:
+        comp = ", ".join(f"{k} {v}" for k, v in r.get("composition", {}).items())
+        prec = f"{100 * r['precision']:.1f}%" if "precision" in r else ""
+        per_seed = r["test_top1"] if isinstance(r["test_top1"], list) else [r["test_top1"]]
+        body.append(f"<tr><td>{html.escape(r['name'])}</td><td>{html.escape(r['data'])}</td>"
+                    f"<td>{html.escape(r.get('method', ''))}</td>"
+                    f"<td>{100 * r['top1']:.2f} ± {100 * r.get('top1_sd', 0):.2f}</td>"
+                    f"<td>{', '.join(f'{100 * v:.1f}' for v in per_seed)}</td>"
+                    f"<td>{100 * r['relative_top1']:.0f}%</td><td>{r.get('steps') or ''}</td><td>{prec}</td>"
+                    f"<td>{html.escape(comp)}</td></tr>")
+    pool = results["pool"]
+    pool_text = ", ".join(f"{k} {v}" for k, v in pool["by_source"].items())
+    images = "".join(f"<h3>{html.escape(title)}</h3><img src='data:image/png;base64,{b64}' alt='{html.escape(title)}'>"
+                     for title, b64 in figs)
+    cfg = html.escape(json.dumps(results["config"]))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>attnprobe: digits in the wild</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
+th{{background:#f3f3f3}}img{{max-width:100%}}</style></head><body>
+<h1>Digits in the wild</h1>
+<p>Teacher: a {t['params']:,}-parameter ViT trained on MNIST digits (test top-1 {100 * t['test_top1']:.2f}%, its
+epoch chosen on a validation split at {100 * t['val_top1']:.2f}%); student: {results['student_params']:,} parameters.
+Wild pool: {pool['size']} images ({pool['digits']} digits; {html.escape(pool_text)}).
+Each selection keeps {results['config']['num_select']} images. Every student trains for the same number of optimizer
+steps and keeps the epoch chosen without the test set (fidelity to the teacher; the labels row: validation).
+Run: {'quick' if results['quick'] else 'full'}, {results['seconds']:.0f} s on the CPU. Settings: <code>{cfg}</code>.</p>
+<h2>Results</h2><table>{head}{''.join(body)}</table>
+<p>Precision: fraction of digits among the selected images (the selector never sees the sources).</p>
+<h2>Findings</h2><ul>{''.join(f'<li>{n}</li>' for n in notes)}</ul>
+<h2>Figures</h2>{images}
+</body></html>"""

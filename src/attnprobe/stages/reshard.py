@@ -1,0 +1,138 @@
+"""`attnprobe reshard`: the selected samples of a shard pool, all their members (.jpg, .txt, .json, ...),
+copied into new plain tar shards with img2dataset's `_stats.json`: the selected set as a pool of its own,
+for other tools, or read back from remote or compressed shards as plain local ones.
+
+    OUT/00000.tar, 00000_stats.json, ...   `shard_size` samples each, in pool order, member names kept
+    OUT/selection.parquet (+ .json)        the selection with `path`, `offset`, `size` pointing into OUT
+
+The source shards are streamed (shards.TarSamples: plain or compressed, nothing extracted). Everything is
+written into `OUT/.reshard.tmp` first and moved into OUT at the end, so a stopped run leaves no shard
+behind; a sample key met twice in one new shard (pools whose keys repeat across shards) is made unique by
+prefixing its members with the source shard's stem.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..errors import AttnprobeError
+from ..io.shards import list_shards
+from ..io.tables import read_table, write_table
+from ..io.tar_members import TarSamples, sample_key
+
+TMP = ".reshard.tmp"
+
+
+class ShardWriter:
+    """New plain tar shards `folder/NNNNN.tar` of `shard_size` samples each, with `NNNNN_stats.json`."""
+
+    def __init__(self, folder: Path, shard_size: int, width: int = 5):
+        self.folder, self.shard_size, self.width = folder, shard_size, width
+        self.count, self.tar, self.keys, self.stems = 0, None, set(), []
+
+    def _next(self) -> None:
+        self.close()
+        stem = f"{len(self.stems):0{self.width}d}"
+        self.stems.append(stem)
+        self.tar, self.keys = tarfile.open(self.folder / f"{stem}.tar", "w", format=tarfile.PAX_FORMAT), set()
+
+    def add(self, source_stem: str, sample) -> list[tuple[str, str, int, int]]:
+        """Write one sample; returns (source member name, new row path, data offset, size) per member."""
+        if self.tar is None or len(self.keys) == self.shard_size:
+            self._next()
+        prefix = f"{source_stem}_" if sample.key in self.keys else ""
+        self.keys.add(prefix + sample.key)
+        placed = []
+        for m in sample.members:
+            info = tarfile.TarInfo(prefix + m.name)
+            info.size, info.mode, info.mtime = len(m.data), 0o644, 0  # the same bytes on every run
+            self.tar.addfile(info, io.BytesIO(m.data))
+            blocks = math.ceil(info.size / tarfile.BLOCKSIZE)
+            placed.append((m.name, f"{self.stems[-1]}/{info.name}", self.tar.offset - blocks * tarfile.BLOCKSIZE,
+                           info.size))
+        return placed
+
+    def close(self) -> None:
+        if self.tar is None:
+            return
+        self.tar.close()
+        n = len(self.keys)
+        stats = {"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0, "status": "success",
+                 "written_by": "attnprobe reshard"}
+        (self.folder / f"{self.stems[-1]}_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+        self.tar = None
+
+
+def _check_out(out: Path, shards) -> None:
+    if any(Path(s.path).resolve().parent == out.resolve() for s in shards):
+        raise AttnprobeError(f"--out {out} holds the shards being read; pass a new folder")
+    held = sorted(p.name for p in out.glob("*.tar")) if out.is_dir() else []
+    if held or (out / "selection.parquet").exists():
+        what = f"{len(held)} .tar shards" if held else "selection.parquet"
+        raise AttnprobeError(f"--out {out} already holds {what}; pass a new folder, or delete them to reshard again")
+
+
+def reshard(selection, wild, out, *, shard_size: int = 10000, progress: bool = True) -> dict:
+    """Copy the samples of `selection` (a score or selection table of the shard pool `wild`) into new shards in
+    `out`; returns {shards, samples, members, out, selection}."""
+    df, meta = read_table(selection)
+    if "path" not in df.columns or df.empty:
+        raise AttnprobeError(f"{selection} has no rows to copy; pass the output of `attnprobe select`")
+    if shard_size < 1:
+        raise AttnprobeError(f"--shard-size {shard_size} must be at least 1")
+    shards, out = list_shards(wild), Path(out)
+    by_stem = {s.stem: s for s in shards}
+    wanted: dict[str, set[str]] = {}
+    for path in df["path"]:
+        stem, _, member = path.partition("/")
+        if stem not in by_stem or not member:
+            raise AttnprobeError(f"row {path} of {selection} is in no shard that --wild {os.fspath(wild)} names; pass "
+                                 "the --wild pattern that was scored")
+        wanted.setdefault(stem, set()).add(sample_key(member))
+    _check_out(out, shards)
+    tmp = out / TMP
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a stopped run
+    tmp.mkdir(parents=True)
+    n_samples = sum(len(keys) for keys in wanted.values())
+    writer = ShardWriter(tmp, shard_size, max(5, len(str(math.ceil(n_samples / shard_size) - 1))))
+    moved, members = {}, 0
+    try:
+        for shard in tqdm([s for s in shards if s.stem in wanted], desc="reshard", unit="shard",
+                          disable=not progress or None):
+            keys = wanted[shard.stem]
+            for sample in TarSamples(shard.path, wanted=keys.__contains__):
+                for name, path, offset, size in writer.add(shard.stem, sample):
+                    moved[f"{shard.stem}/{name}"] = (path, offset, size)
+                    members += 1
+        writer.close()
+        missing = [p for p in df["path"] if p not in moved]
+        if missing:
+            raise AttnprobeError(f"{len(missing)} selected members were not found in their shards (e.g. {missing[0]}): "
+                                 "the shards changed or are cut short since they were scored; pass the --wild that "
+                                 "was scored")
+        old = df["path"].tolist()
+        df["path"] = [moved[p][0] for p in old]
+        df["offset"] = [moved[p][1] for p in old]
+        df["size"] = [moved[p][2] for p in old]
+        write_table(df, tmp / "selection.parquet", {**meta, "resharded_from": {"selection": os.path.abspath(selection),
+                                                                               "wild": os.path.abspath(wild)}})
+        summary = Path(selection).with_suffix(".json")
+        if summary.is_file():
+            shutil.copyfile(summary, tmp / "selection.json")
+    except BaseException:
+        writer.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    names = sorted(p.name for p in tmp.iterdir())
+    for name in sorted(names, key=lambda n: n.startswith("selection.")):  # the selection last: it says "done"
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
+    return {"shards": len(writer.stems), "samples": n_samples, "members": members, "out": os.fspath(out),
+            "selection": os.fspath(out / "selection.parquet")}
