@@ -1,6 +1,6 @@
 """Scoring throughput / bare teacher forward throughput, on the same batches and model.
 
-The scoring forward is attnprobe.stages.score.ScoringForward (the pass's per-batch work: one forward with
+The scoring forward is attnprobe.stages.scoring.ScoringForward (the pass's per-batch work: one forward with
 hooks on the probed blocks, the CLS attention rows, -log max softmax, softmax, copies to the host).
 Image decoding is excluded: both sides see the same in-memory batches. Timings alternate between the
 two sides, and the ratio is of medians.
@@ -19,7 +19,7 @@ import torch
 
 from attnprobe.method.probe import default_probe_blocks
 from attnprobe.models import build_model, resolve_model
-from attnprobe.stages.score import ScoringForward
+from attnprobe.stages.scoring import ScoringForward
 
 
 def machine(device) -> str:

@@ -72,7 +72,7 @@ def teacher_checkpoint(path: Path):
 def timed_score(teacher, wild, out, device, flags: dict, batch_size: int, workers: int) -> dict:
     """`attnprobe score` end to end; the steady rate from the batch times seen by ScoringForward.scores."""
     from attnprobe import score
-    from attnprobe.stages.score import ScoringForward
+    from attnprobe.stages.scoring import ScoringForward
     ends, original = [], ScoringForward.scores
 
     def scores(self, images, keep_probs=True):

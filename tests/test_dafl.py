@@ -8,8 +8,7 @@ import torch
 
 from attnprobe.app.cli import main
 from attnprobe.io.checkpoints import read_checkpoint, save_checkpoint
-from attnprobe.models import build_model, describe
-from attnprobe.stages.dafl import (
+from attnprobe.method.dafl import (
     Generator,
     activation_loss,
     generator_loss,
@@ -18,6 +17,7 @@ from attnprobe.stages.dafl import (
     teacher_outputs,
     top1_agreement,
 )
+from attnprobe.models import build_model, describe
 
 from .conftest import CLASSES, TINY_STUDENT, TINY_TEACHER
 

@@ -125,3 +125,14 @@ def test_reuse_does_not_rewrite(bench):
     again = build_digits_benchmark(root, quick=True, seed=0, progress=False)
     assert {rel: p.stat().st_mtime_ns for rel, p in _files(root).items()} == before
     assert again["counts"] == bench["counts"]
+
+
+def test_damaged_manifest_or_a_killed_build_is_rebuilt(bench, tmp_path):
+    root = tmp_path / "bench"
+    first = build_digits_benchmark(root, quick=True, seed=0, progress=False)
+    (root / "manifest.json").write_text('{"quick": tr')  # torn: the tree is not trusted
+    (root / ".wild.partial999").mkdir()  # what a killed build left
+    (root / ".wild.partial999" / "stray.png").write_bytes(b"")
+    again = build_digits_benchmark(root, quick=True, seed=0, progress=False)
+    assert again["counts"] == first["counts"] and _hashes(root) == _hashes(Path(bench["root"]))
+    assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "original", "wild", "wild_sources.csv"]

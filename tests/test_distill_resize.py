@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 import torch
 
+import attnprobe
 from attnprobe.errors import AttnprobeError
 from attnprobe.io.checkpoints import read_checkpoint
 from attnprobe.io.tables import write_table
@@ -24,12 +25,13 @@ def test_distill_stretches_wild_images_only(image_root, teacher_ckpt, tmp_path, 
         return real(info, flip, affine, resize=resize)
     monkeypatch.setattr(train_mod, "train_transform", spy)
     arch, kwargs = TINY_STUDENT
-    info = train_mod.distill(teacher_ckpt, wild, tmp_path / "sel.parquet", test=image_root / "data", student=arch,
+    info = attnprobe.distill(teacher_ckpt, wild, tmp_path / "sel.parquet", test=image_root / "data", student=arch,
                              model_kwargs=kwargs, epochs=1, out=tmp_path / "run", batch_size=16, workers=0, progress=False,
                              labeled=image_root / "data", per_class=2, resize="stretch")
     assert calls == ["stretch", "crop"]  # the wild selection, then the mixed-in labeled images
     assert info["resize"] == "stretch"
     assert read_checkpoint(tmp_path / "run" / "best.pt")["info"]["resize"] == "stretch"
-    with pytest.raises(AttnprobeError, match=r"'crop', 'stretch'"):
-        train_mod.distill(teacher_ckpt, wild, tmp_path / "sel.parquet", test=image_root / "data", student=arch,
+    with pytest.raises(AttnprobeError, match="--resize squash is not one of crop, stretch"):
+        attnprobe.distill(teacher_ckpt, wild, tmp_path / "sel.parquet", test=image_root / "data", student=arch,
                           model_kwargs=kwargs, epochs=1, out=tmp_path / "bad", workers=0, progress=False, resize="squash")
+    assert not (tmp_path / "bad").exists()

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+import attnprobe
 from attnprobe import load_checkpoint
 from attnprobe.app.cli import main
 from attnprobe.errors import AttnprobeError
@@ -51,8 +52,7 @@ def selection(image_root, tmp_path_factory):
 def run_distill(image_root, teacher_ckpt, sel, out, **kw):
     arch, kwargs = TINY_STUDENT
     kw = {"epochs": 3, "batch_size": 8, "lr": 3e-3, "workers": 0, "progress": False, **kw}
-    return distillation.distill(teacher_ckpt, image_root / "wild", sel, student=arch, model_kwargs=kwargs, out=out,
-                                **kw)
+    return attnprobe.distill(teacher_ckpt, image_root / "wild", sel, student=arch, model_kwargs=kwargs, out=out, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -214,8 +214,8 @@ def train_only(image_root, tmp_path_factory):
 
 def test_train_teacher_val_split(image_root, train_only, tmp_path):
     arch, kw = TINY_TEACHER
-    info = train_mod.train_teacher(train_only, model=arch, model_kwargs=kw, epochs=2, out=tmp_path / "t", batch_size=16, lr=2e-3,
-                                   workers=0, progress=False, seed=1, val_split=0.25, test=image_root / "data/val")
+    info = attnprobe.train_teacher(train_only, model=arch, model_kwargs=kw, epochs=2, out=tmp_path / "t", batch_size=16,
+                                   lr=2e-3, workers=0, progress=False, seed=1, val_split=0.25, test=image_root / "data/val")
     rows = read_jsonl(tmp_path / "t/metrics.jsonl")
     assert all(r["val_n"] == 18 and r["test_n"] == 24 for r in rows)  # 6 of each class's 24; every test image
     saved = load_checkpoint(tmp_path / "t/best.pt")
@@ -266,3 +266,44 @@ def test_bad_inputs(image_root, teacher_ckpt, selection, train_only, tmp_path, c
     expect_error([*teacher, "--data", str(image_root / "data"), "--val-split", "0.1"], capsys, "use one or the other")
     expect_error([*teacher, "--data", str(train_only)], capsys, "--val-split")
     assert not (tmp_path / "t").exists()
+
+
+def escaping_pool(image_root, tmp_path):
+    """A pool of four wild images, a file beside it, a symlink inside it to that file and one to a folder outside."""
+    pool, outside = tmp_path / "pool", tmp_path / "outside"
+    pool.mkdir()
+    outside.mkdir()
+    images = sorted(p for p in (image_root / "wild").rglob("*.png"))[:4]
+    for i, src in enumerate(images):
+        (pool / f"{i}.png").write_bytes(src.read_bytes())
+    (tmp_path / "outside.png").write_bytes(images[0].read_bytes())
+    (outside / "x.png").write_bytes(images[0].read_bytes())
+    os.symlink(tmp_path / "outside.png", pool / "link.png")
+    os.symlink(outside, pool / "linkdir")
+    return pool, [f"{i}.png" for i in range(4)]
+
+
+@pytest.mark.parametrize("escape", ["../outside.png", "ABSOLUTE", "link.png", "linkdir/x.png", "./../pool/../outside.png"])
+def test_selected_paths_outside_the_pool_are_refused(image_root, teacher_ckpt, tmp_path, capsys, escape):
+    pool, inside = escaping_pool(image_root, tmp_path)
+    escape = str(tmp_path / "outside.png") if escape == "ABSOLUTE" else escape
+    sel = tmp_path / "sel.parquet"
+    write_table(pd.DataFrame({"path": inside + [escape]}), sel, {})
+    arch, kw = TINY_STUDENT
+    expect_error(["distill", "--teacher", str(teacher_ckpt), "--wild", str(pool), "--selection", str(sel),
+                  "--student", arch, "--model-kwargs", *[f"{k}={v}" for k, v in kw.items()], "--epochs", "1",
+                  "--workers", "0", "--no-progress", "--teacher-acc", "0.9", "--out", str(tmp_path / "run")],
+                 capsys, f"1 selected paths point outside --wild {pool} (e.g. {escape})")
+    assert not (tmp_path / "run").exists()
+
+
+def test_damaged_selection_summary_is_one_line(image_root, teacher_ckpt, selection, tmp_path, capsys):
+    sel = tmp_path / "sel.parquet"
+    write_table(pd.DataFrame({"path": selection[1]}), sel, {})
+    (tmp_path / "sel.json").write_text('{"class_weights": [1.0, 1.0')  # cut short while being written
+    arch, kw = TINY_STUDENT
+    expect_error(["distill", "--teacher", str(teacher_ckpt), "--wild", str(image_root / "wild"), "--selection", str(sel),
+                  "--student", arch, "--model-kwargs", *[f"{k}={v}" for k, v in kw.items()], "--epochs", "1",
+                  "--workers", "0", "--no-progress", "--robust", "--out", str(tmp_path / "run")],
+                 capsys, f"{tmp_path / 'sel.json'}: the selection's summary is damaged (not JSON")
+    assert not (tmp_path / "run").exists()

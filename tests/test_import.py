@@ -177,7 +177,7 @@ def _bad_sources(tmp_path):
     ("good.pth", ["--model", "vit_tiny_patch16_224", "--model-kwargs", *SMALL_ARGS, "--classes", "TWO"],
      "--classes gives 2 names but the teacher's head has 3"),
     ("good.pth", ["--model", "vit_tiny_patch16_224", "--model-kwargs", *SMALL_ARGS, "--accuracy", "96.6"],
-     "not a fraction"),
+     "a fraction"),
 ])
 def test_bad_sources_get_one_line_and_write_nothing(tmp_path, capsys, source, extra, message):
     root = _bad_sources(tmp_path)

@@ -7,14 +7,14 @@ import pytest
 import timm
 import torch
 
-from attnprobe import load_checkpoint
+from attnprobe import evaluate, load_checkpoint
 from attnprobe.app.cli import main
 from attnprobe.app.report import write_report
-from attnprobe.app.report_run import pct, seconds, write_run_report
+from attnprobe.app.report_run import write_run_report
+from attnprobe.app.report_sections import pct, seconds
 from attnprobe.errors import AttnprobeError
 from attnprobe.io.datasets import labeled_folder
 from attnprobe.io.images import eval_transform
-from attnprobe.training.loop import evaluate_model
 from attnprobe.training.measure import model_cost
 
 from .conftest import TINY_STUDENT
@@ -57,11 +57,11 @@ def run(image_root, teacher_ckpt, tmp_path_factory):
                      *[f"{k}={v}" for k, v in s_kw.items()], "--test", str(data / "val"), "--epochs", "2",
                      "--out", str(out / strategy / "student"), "--batch-size", "8", *common]) == 0
     teacher, t_info = load_checkpoint(teacher_ckpt)
-    t_acc = evaluate_model(teacher, t_info, data / "val", workers=0, progress=False)
+    t_acc = evaluate(teacher_ckpt, data / "val", workers=0, progress=False)
     t_eval = {**model_cost(teacher, t_info, seconds=0.05), "test_top1": t_acc["top1"], "test_top5": t_acc["top5"]}
     for strategy in STRATEGIES:
         student, info = load_checkpoint(out / strategy / "student" / "best.pt")
-        acc = evaluate_model(student, info, data / "val", workers=0, progress=False)
+        acc = evaluate(out / strategy / "student" / "best.pt", data / "val", workers=0, progress=False)
         ev = {**model_cost(student, info, seconds=0.05), "fidelity": _fidelity(student, teacher, info, data / "val"),
               "test_top1": acc["top1"], "test_top5": acc["top5"]}
         (out / strategy / "evaluation.json").write_text(json.dumps({"student": ev, "teacher": t_eval}))
@@ -127,7 +127,7 @@ def test_report_tolerates_a_run_in_progress(run, tmp_path):
     assert "Fewer than two strategies" in html
 
 
-@pytest.mark.parametrize("content, match", [(None, "no results.json"), ("{not json", "not valid JSON"),
+@pytest.mark.parametrize("content, match", [(None, "no results.json"), ("{not json", "config.json: the config of an `attnprobe run` is damaged"),
                                             ("{}", "not the config"), ('{"kind": "attnprobe-run"}', "lacks")])
 def test_bad_run_folders(tmp_path, content, match):
     if content is not None:
@@ -136,6 +136,19 @@ def test_bad_run_folders(tmp_path, content, match):
         write_report(tmp_path)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "report.html").exists()
+
+
+@pytest.mark.parametrize("damaged", ["stages.json", "attnprobe/evaluation.json", "dfnd/selection.json",
+                                     "attnprobe/student/metrics.jsonl"])
+def test_report_of_a_damaged_side_file_is_one_line(run, tmp_path, capsys, damaged):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("figures", "report.html"))
+    (copy / damaged).write_text((copy / damaged).read_text()[:7])  # torn mid-write
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert main(["report", str(copy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(copy / damaged) in err[0] and "damaged" in err[0], err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before  # nothing written
 
 
 def _vit(depth, **kw):

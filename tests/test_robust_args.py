@@ -221,14 +221,14 @@ def test_resumed_student_keeps_its_settings(image_root, teacher_ckpt, scored, di
 
 def test_score_parts_of_another_chunk_size_give_the_old_value(image_root, teacher_ckpt, tmp_path, capsys,
                                                               monkeypatch):
-    score_mod = importlib.import_module("attnprobe.stages.score")  # the package exports a function of that name
+    parts_mod = importlib.import_module("attnprobe.stages.score_parts")  # where the parts are merged
     out = tmp_path / "s.parquet"
     argv = ["score", "--teacher", teacher_ckpt, "--wild", image_root / "wild", "--out", out, "--workers", 0,
             "--no-progress"]
 
     def stop(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(score_mod, "merge_parts", stop)
+    monkeypatch.setattr(parts_mod, "merge_parts", stop)
     assert main([str(a) for a in argv + ["--chunk-size", 8]]) == 130
     monkeypatch.undo()
     refused(argv + ["--chunk-size", 16], capsys, "then --chunk-size 8, now --chunk-size 16", keep=[tmp_path])

@@ -6,16 +6,17 @@ left half-written (the folder's files, bytes and mtimes are the same before and 
 from __future__ import annotations
 
 import errno
-import fcntl
 import importlib
 import os
 import shutil
 import stat
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 
-from attnprobe.app import cli
+from attnprobe.app import cli, commands
 from attnprobe.errors import AttnprobeError
 
 from .conftest import TINY_STUDENT
@@ -155,17 +156,27 @@ def test_run_folder_with_a_run_is_refused_unless_resume_or_overwrite(image_root,
 
 # ---- 3. one writer per score table ------------------------------------------------------------------
 
+HOLD = """
+import sys, time
+from attnprobe.io.lock import hold
+lock = hold(sys.argv[1], "holder", "")
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
 def test_second_score_on_the_same_out_is_refused(image_root, teacher_ckpt, tmp_path, capsys):
     out = tmp_path / "s.parquet"
     parts = tmp_path / "s.parquet.parts"
     parts.mkdir()
-    fd = os.open(parts / ".lock", os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running `score` holds it
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(parts / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
-        refused(capsys, _score(teacher_ckpt, image_root, out), "another `attnprobe score` is writing", str(out),
-                folders=(tmp_path,))
+        assert holder.stdout.readline().strip() == "held"  # as a running `score` holds it
+        refused(capsys, _score(teacher_ckpt, image_root, out), "another `attnprobe score`", "is running", str(out),
+                f"pid {holder.pid}", folders=(tmp_path,))
     finally:
-        os.close(fd)  # released: the same command now runs
+        holder.kill()  # released: the same command now runs
+        holder.wait()
     assert cli.main([str(a) for a in _score(teacher_ckpt, image_root, out)]) == 0
     assert out.is_file() and not parts.exists()
 
@@ -174,21 +185,21 @@ def test_second_score_on_the_same_out_is_refused(image_root, teacher_ckpt, tmp_p
 
 def test_full_disk_while_scoring_keeps_parts_and_rerun_continues(image_root, teacher_ckpt, tmp_path, capsys,
                                                                  monkeypatch):
-    score_mod = importlib.import_module("attnprobe.stages.score")
-    real, calls = score_mod._write_part, []
+    score_parts = importlib.import_module("attnprobe.stages.score_parts")
+    real, calls = score_parts.write_part, []
 
-    def write_part(parts, c, table, skipped):
+    def write_part(parts, c, table, skipped, marker=None):
         calls.append(c)
         if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(score_mod._part(parts, c)))
-        real(parts, c, table, skipped)
-    monkeypatch.setattr(score_mod, "_write_part", write_part)
+            raise OSError(errno.ENOSPC, "No space left on device", str(score_parts.part_path(parts, c)))
+        real(parts, c, table, skipped, marker)
+    monkeypatch.setattr(score_parts, "write_part", write_part)
     out = tmp_path / "s.parquet"
     line = refused(capsys, _score(teacher_ckpt, image_root, out, "--chunk-size", "8"), "No space left on device",
                    "000001.parquet", "free some space", "kept in", "rerun the same command")
     assert line.startswith("attnprobe score: error:")
     assert sorted(p.name for p in (tmp_path / "s.parquet.parts").glob("*.parquet")) == ["000000.parquet"]
-    monkeypatch.setattr(score_mod, "_write_part", real)
+    monkeypatch.setattr(score_parts, "write_part", real)
     assert cli.main([str(a) for a in _score(teacher_ckpt, image_root, out, "--chunk-size", "8")]) == 0
     assert out.is_file()
 
@@ -216,27 +227,27 @@ def test_full_disk_while_training_says_resume(image_root, tmp_path, capsys, monk
 
 
 def test_other_errors_keep_their_traceback(image_root, teacher_ckpt, tmp_path, monkeypatch):
-    score_mod = importlib.import_module("attnprobe.stages.score")
+    score_parts = importlib.import_module("attnprobe.stages.score_parts")
 
-    def broken(*a):
+    def broken(*a, **k):
         raise OSError(errno.EIO, "Input/output error")
-    monkeypatch.setattr(score_mod, "_write_part", broken)
+    monkeypatch.setattr(score_parts, "write_part", broken)
     with pytest.raises(OSError, match="Input/output"):
         cli.main([str(a) for a in _score(teacher_ckpt, image_root, tmp_path / "s.parquet")])
 
-    def bug(*a):
+    def bug(*a, **k):
         raise ValueError("a bug")
-    monkeypatch.setattr(score_mod, "_write_part", bug)
+    monkeypatch.setattr(score_parts, "write_part", bug)
     with pytest.raises(ValueError):
         cli.main([str(a) for a in _score(teacher_ckpt, image_root, tmp_path / "s.parquet")])
 
 
 def test_interrupted_says_how_to_continue(image_root, teacher_ckpt, tmp_path, capsys, monkeypatch):
-    score_mod = importlib.import_module("attnprobe.stages.score")
+    score_parts = importlib.import_module("attnprobe.stages.score_parts")
 
-    def interrupt(*a):
+    def interrupt(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(score_mod, "_write_part", interrupt)
+    monkeypatch.setattr(score_parts, "write_part", interrupt)
     capsys.readouterr()
     assert cli.main([str(a) for a in _score(teacher_ckpt, image_root, tmp_path / "s.parquet")]) == 130
     err = messages(capsys.readouterr().err)
@@ -244,7 +255,7 @@ def test_interrupted_says_how_to_continue(image_root, teacher_ckpt, tmp_path, ca
     args = cli.build_parser().parse_args([str(a) for a in _teacher(tmp_path / "d", tmp_path / "run")])
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "last.pt").write_bytes(b"")
-    assert f"--resume {tmp_path / 'run' / 'last.pt'}" in cli._how_to_continue(args)
+    assert f"--resume {tmp_path / 'run' / 'last.pt'}" in commands.how_to_continue(args)
 
 
 # ---- 6. modes honour the umask; 7. the skipped list is UTF-8 ------------------------------------------

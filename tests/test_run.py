@@ -1,7 +1,9 @@
 """`attnprobe run`: the whole job in one folder, without labels; every stage reused when nothing changed,
 only the affected stages redone when a setting changed, and a killed run continued to the same student."""
 import json
+import shutil
 
+import pytest
 import torch
 
 from attnprobe.app.cli import main
@@ -91,3 +93,27 @@ def test_run_killed_during_distill_continues_to_the_uninterrupted_student(image_
     assert rows[:len(first_rows)] == first_rows  # the finished epochs stay as they were
     strip = lambda rs: [{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in rs]  # noqa: E731
     assert strip(rows) == strip((tmp_path / "whole/attnprobe-rank/student/metrics.jsonl").read_text().splitlines())
+
+
+
+@pytest.fixture(scope="module")
+def finished_run(image_root, teacher_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(run_argv(image_root, teacher_ckpt, out, epochs=1)) == 0
+    return out
+
+
+@pytest.mark.parametrize("damaged", ["stages.json", "attnprobe-rank/evaluation.json", "config.json"])
+def test_run_and_report_refuse_a_damaged_side_file_in_one_line(image_root, teacher_ckpt, finished_run, tmp_path,
+                                                              capsys, damaged):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    path = out / damaged
+    path.write_text(path.read_text()[:9])  # torn mid-write
+    before = files_and_mtimes(out)
+    capsys.readouterr()
+    for argv in (run_argv(image_root, teacher_ckpt, out, epochs=1), ["report", str(out)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(path) in err[0] and "damaged" in err[0], err
+        assert files_and_mtimes(out) == before  # nothing rewritten, nothing cleared

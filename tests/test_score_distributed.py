@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 
 from attnprobe.app.cli import main
+from attnprobe.io.outputs import parts_dir
 from attnprobe.io.tables import read_table
-from attnprobe.stages.score import parts_dir
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -52,20 +52,19 @@ def test_two_processes_equal_one(image_root, teacher_ckpt, tmp_path):
 
 def test_two_processes_resume_a_one_process_run(image_root, teacher_ckpt, tmp_path, monkeypatch):
     """Chunks do not depend on the process count: a stopped one-process run is finished by two."""
-    import attnprobe.stages.score  # noqa: F401
-    score_mod = sys.modules["attnprobe.stages.score"]
+    from attnprobe.stages import score_parts
     wild = image_root / "wild"
     common = ["score", "--teacher", str(teacher_ckpt), "--wild", str(wild), "--chunk-size", "4",
               "--batch-size", "3", "--workers", "0", "--no-progress"]
     out = tmp_path / "s.parquet"
-    write, written = score_mod._write_part, []
+    write, written = score_parts.write_part, []
 
-    def stop_after_three(*a):
+    def stop_after_three(*a, **k):
         if len(written) == 3:
             raise KeyboardInterrupt
-        write(*a)
+        write(*a, **k)
         written.append(a[1])
-    monkeypatch.setattr(score_mod, "_write_part", stop_after_three)
+    monkeypatch.setattr(score_parts, "write_part", stop_after_three)
     assert main([*common, "--out", str(out)]) == 130
     monkeypatch.undo()
     assert sorted(p.name for p in parts_dir(out).glob("0*.parquet")) == ["000000.parquet", "000001.parquet",

@@ -21,9 +21,11 @@ from attnprobe.app.cli import main
 from attnprobe.io.checkpoints import save_checkpoint
 from attnprobe.io.folders import PathList
 from attnprobe.io.images import eval_transform, load_image
+from attnprobe.io.outputs import parts_dir, skipped_path
 from attnprobe.io.tables import read_table
 from attnprobe.models import build_model, describe
-from attnprobe.stages.score import parts_dir, score_pool, skipped_path
+from attnprobe.settings import ScoreSettings
+from attnprobe.stages.scoring import score_pool
 
 from .conftest import CLASSES, TINY_TEACHER, shape_image
 
@@ -217,7 +219,8 @@ def test_two_runs_identical_and_score_pool_agrees(image_root, teacher_ckpt, tmp_
     a, b = read_table(tmp_path / "a.parquet")[0], read_table(tmp_path / "b.parquet")[0]
     pd.testing.assert_frame_equal(a, b, check_exact=True)
     model, info = load_checkpoint(teacher_ckpt)
-    df, meta = score_pool(model, info, wild, batch_size=7, workers=0, progress=False, chunk_size=8)
+    df, meta = score_pool(model, info, wild, settings=ScoreSettings(batch_size=7, workers=0, progress=False,
+                                                                     chunk_size=8))
     pd.testing.assert_frame_equal(df, a, check_exact=True)
     assert meta["skipped_files"] == [] and meta["scored"] == 30
 
@@ -226,15 +229,14 @@ def test_two_runs_identical_and_score_pool_agrees(image_root, teacher_ckpt, tmp_
 
 SLOW = """
 import sys, time
-import attnprobe.stages.score
-s = sys.modules["attnprobe.stages.score"]  # (the package's `score` attribute is the API function)
+import attnprobe.stages.score_parts as s
 mode, mark = sys.argv[1], sys.argv[2]
 if mode == "parts":          # slow down after each finished part, so the test can kill mid-run
-    write = s._write_part
-    def slow_part(*a):
-        write(*a)
+    write = s.write_part
+    def slow_part(*a, **k):
+        write(*a, **k)
         time.sleep(0.15)
-    s._write_part = slow_part
+    s.write_part = slow_part
 else:                        # hang in the middle of writing the final table
     s.MERGE_ROWS = 8
     class Slow(s.pq.ParquetWriter):
@@ -336,7 +338,7 @@ def test_settings_mismatch_names_the_fix(big_pool, teacher_ckpt, tmp_path, capsy
 def test_scoring_forward_is_probe_scores(teacher_ckpt):
     """The pass's per-batch math is probe.probe_scores' (one forward, CLS row), plus -log max softmax."""
     from attnprobe.method.probe import probe_scores
-    from attnprobe.stages.score import ScoringForward
+    from attnprobe.stages.scoring import ScoringForward
     model, _ = load_checkpoint(teacher_ckpt)
     x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     for heads in ("first", "mean"):
@@ -354,11 +356,7 @@ def test_stretch_scores_the_whole_image(image_root, teacher_ckpt, tmp_path):
     """--resize stretch: every image resized whole to the square input (the reference's way); recorded in the
     table's metadata and guarded on resume."""
     from attnprobe.errors import AttnprobeError
-    from attnprobe.stages.score import (
-        GUARDED,
-        _check_settings,
-        score,  # the pass itself (api.score forwards to it)
-    )
+    from attnprobe.stages.score_parts import GUARDED, check_settings
     wild = image_root / "wild"
     kw = dict(batch_size=7, workers=0, progress=False, chunk_size=8, device="cpu")
     meta = score(teacher_ckpt, wild, tmp_path / "s.parquet", resize="stretch", **kw)
@@ -383,10 +381,59 @@ def test_stretch_scores_the_whole_image(image_root, teacher_ckpt, tmp_path):
     parts.mkdir()
     settings = {k: 1 for k in GUARDED}
     (parts / "settings.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "resize"}))
-    _check_settings(parts, {**settings, "resize": "crop"})
+    check_settings(parts, {**settings, "resize": "crop"})
     with pytest.raises(AttnprobeError, match=r"then --resize crop, now --resize stretch"):
-        _check_settings(parts, {**settings, "resize": "stretch"})
-    with pytest.raises(AttnprobeError, match=r"'crop', 'stretch'"):
+        check_settings(parts, {**settings, "resize": "stretch"})
+    with pytest.raises(AttnprobeError, match=r"--resize squash is not one of crop, stretch"):
         score(teacher_ckpt, wild, tmp_path / "bad.parquet", resize="squash", **kw)
-    with pytest.raises(AttnprobeError, match=r"'crop', 'stretch'"):
-        score_pool(model, info, wild, resize="squash")
+    assert not (tmp_path / "bad.parquet").exists() and not parts_dir(tmp_path / "bad.parquet").exists()
+
+
+HOLDER = """
+import os, sys, time
+from attnprobe.io.lock import hold
+lock = hold(sys.argv[1], "`test`", "wait")
+child = os.fork()
+if child == 0:  # as a DataLoader worker: forked while the lock is held, and outliving its parent
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_lock_is_free_once_its_holder_is_killed_though_its_child_lives(tmp_path):
+    """io.lock: a record lock, not inherited by forked workers: refused while its holder lives, free right after
+    kill -9 of the holder even while the holder's forked child still runs."""
+    from attnprobe.errors import AttnprobeError
+    from attnprobe.io.lock import hold
+    path = tmp_path / "parts" / ".lock"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdout=subprocess.PIPE, text=True, env=ENV)
+    child = int(proc.stdout.readline())
+    try:
+        with pytest.raises(AttnprobeError, match=rf"another `test` is running \(it holds {path}, pid {proc.pid}\)"):
+            hold(path, "`test`", "wait")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        os.kill(child, 0)  # the child still lives
+        lock = hold(path, "`test`", "wait")  # and the lock is free
+        lock.release()
+    finally:
+        proc.kill()
+        proc.wait()
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_damaged_parts_settings_is_one_line(big_pool, teacher_ckpt, tmp_path, capsys):
+    out = tmp_path / "s.parquet"
+    parts_dir(out).mkdir()
+    (parts_dir(out) / "settings.json").write_text('{"heads": "fir')  # cut short
+    before = sorted(p.name for p in parts_dir(out).iterdir())
+    assert main(["score", "--teacher", str(teacher_ckpt), "--wild", str(big_pool), "--out", str(out),
+                 "--workers", "0", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "settings.json" in err[0] and "damaged" in err[0] and f"delete {parts_dir(out)}" in err[0]
+    assert not out.exists() and sorted(p.name for p in parts_dir(out).iterdir()) == before

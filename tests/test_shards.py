@@ -20,6 +20,7 @@ from attnprobe.api import reshard, select
 from attnprobe.app.cli import main
 from attnprobe.io.folders import PathList
 from attnprobe.io.outputs import parts_dir, skipped_path, uids_path
+from attnprobe.io.selection import selected_paths
 from attnprobe.io.shards import (
     Shard,
     datacomp_uids,
@@ -30,8 +31,8 @@ from attnprobe.io.shards import (
 )
 from attnprobe.io.tables import read_table, write_table
 from attnprobe.io.tar_members import TarSamples
-from attnprobe.stages.distill import selected_paths
-from attnprobe.stages.score_shards import _write_shard_part, finished_shards
+from attnprobe.stages import score_parts
+from attnprobe.stages.score_shards import finished_shards
 
 from .conftest import CLASSES, TINY_STUDENT, shape_image
 from .test_score_distributed import assert_same_table, torchrun
@@ -185,32 +186,27 @@ def test_a_part_is_trusted_while_its_shard_is_unchanged(tmp_path, scored):
     table = read_table(scored[0] / "shards.parquet")[0].head(0)
     import pyarrow as pa
     shard = Shard("x/00000.tar", "00000", 100, 5, None)
-    _write_shard_part(tmp_path, 0, shard, pa.Table.from_pandas(table, preserve_index=False), [])
+    score_parts.write_part(tmp_path, 0, pa.Table.from_pandas(table, preserve_index=False), [], marker=shard.marker())
     assert finished_shards(tmp_path, [shard]) == {0}
     assert finished_shards(tmp_path, [Shard("x/00000.tar", "00000", 100, 6, None)]) == set()  # rewritten since
 
 
 SLOW = """
 import sys, time
-import attnprobe.stages.score_shards as s
-write = s._write_shard_part
-def slow(*a):
-    write(*a)
+import attnprobe.stages.score_parts as s
+write = s.write_part
+def slow(*a, **k):
+    write(*a, **k)
     time.sleep(1.0)
-s._write_shard_part = slow
+s.write_part = slow
 from attnprobe.app.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_kill_9_and_rerun_gives_the_same_table(pool, teacher_ckpt, scored, tmp_path):
-    out = tmp_path / "scores.parquet"
-    argv = ["score", "--teacher", str(teacher_ckpt), "--wild", f"{pool}/pool/0000*", "--out", str(out),
-            "--batch-size", "3", "--workers", "0", "--no-progress", "--device", "cpu"]
-    script = tmp_path / "slow.py"
-    script.write_text(SLOW)
+def kill_after_first_part(argv, script, parts):
+    """Run `attnprobe score` slowed down after each part; SIGKILL it once its first part is written."""
     proc = subprocess.Popen([sys.executable, str(script), *argv], env=ENV)
-    parts = parts_dir(out)
     try:
         deadline = time.time() + 120
         while not (parts.is_dir() and list(parts.glob("0*.parquet"))):
@@ -219,9 +215,25 @@ def test_kill_9_and_rerun_gives_the_same_table(pool, teacher_ckpt, scored, tmp_p
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_kill_9_and_rerun_gives_the_same_table(pool, teacher_ckpt, scored, tmp_path, workers):
+    """Killed after its first part, the same command goes ahead at once, even while the killed run's DataLoader
+    workers (--workers 2) are still exiting: the lock was the killed process's own, not theirs."""
+    out = tmp_path / "scores.parquet"
+    argv = ["score", "--teacher", str(teacher_ckpt), "--wild", f"{pool}/pool/0000*", "--out", str(out),
+            "--batch-size", "3", "--workers", str(workers), "--no-progress", "--device", "cpu"]
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW)
+    parts = parts_dir(out)
+    kill_after_first_part(argv, script, parts)
     assert 1 <= len(list(parts.glob("0*.parquet"))) < 4 and not out.exists()
-    again = score(teacher_ckpt, f"{pool}/pool/0000*", out, **KW)
-    assert again["resumed_chunks"] >= 1 and not parts.exists()
+    if workers:
+        assert main(argv) == 0  # at once, the same command
+    else:
+        assert score(teacher_ckpt, f"{pool}/pool/0000*", out, **KW)["resumed_chunks"] >= 1
+    assert not parts.exists()
     pd.testing.assert_frame_equal(read_table(out)[0], read_table(scored[0] / "shards.parquet")[0], check_exact=True)
     assert pd.read_csv(skipped_path(out)).equals(pd.read_csv(skipped_path(scored[0] / "shards.parquet")))
 
@@ -310,6 +322,27 @@ def test_reshard_round_trip(pool, teacher_ckpt, scored, tmp_path):
     assert main(["reshard", "--selection", str(sel), "--wild", f"{pool}/pool/0000*", "--out", str(out)]) == 2
     with pytest.raises(AttnprobeError, match="holds the shards being read"):
         reshard(sel, f"{pool}/pool/0000*", out=pool / "pool")
+
+
+def test_reshard_refuses_a_folder_with_files_and_a_damaged_summary(pool, scored, tmp_path, capsys):
+    """OUT is built whole and renamed into place: a folder that holds files is refused, as is a damaged summary
+    beside the selection; one line, exit 2, nothing written."""
+    sel = tmp_path / "sel" / "selection.parquet"
+    select(scored[0] / "shards.parquet", out=sel, num_select=4, strategy="random")
+    argv = ["reshard", "--selection", str(sel), "--wild", f"{pool}/pool/0000*", "--no-progress"]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    for out, words in ((busy, ("already holds 1 file(s), e.g. notes.txt", "new or empty folder")),
+                       (tmp_path / "new", ("selection.json", "damaged", "rerun `attnprobe select`"))):
+        if out.name == "new":
+            sel.with_suffix(".json").write_text('{"strategy": "ran')  # cut short
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        capsys.readouterr()
+        assert main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), err
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_gpu_check_says_why_it_cannot_run_here(capsys):

@@ -5,10 +5,10 @@ import json
 import pandas as pd
 import pytest
 
+import attnprobe
 from attnprobe.app.cli import main
 from attnprobe.io.checkpoints import read_checkpoint
 from attnprobe.io.tables import write_table
-from attnprobe.stages import distill as distillation
 from attnprobe.training.loop import batches_per_epoch
 
 from .conftest import TINY_STUDENT
@@ -33,9 +33,9 @@ def test_batches_per_epoch_matches_the_loader():
 def test_steps_are_the_same_for_selections_of_any_size(image_root, teacher_ckpt, tmp_path, n, epochs):
     arch, kwargs = TINY_STUDENT
     out = tmp_path / "run"
-    info = distillation.distill(teacher_ckpt, image_root / "wild", wild_selection(image_root, tmp_path, n), out=out,
-                                student=arch, model_kwargs=kwargs, steps=5, batch_size=8, holdout=0.1, workers=0,
-                                progress=False, teacher_acc=0.9)
+    info = attnprobe.distill(teacher_ckpt, image_root / "wild", wild_selection(image_root, tmp_path, n), out=out,
+                             student=arch, model_kwargs=kwargs, steps=5, batch_size=8, holdout=0.1, workers=0,
+                             progress=False, teacher_acc=0.9)
     assert (info["steps"], info["epochs"]) == (5, epochs)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == epochs

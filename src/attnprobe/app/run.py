@@ -20,11 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+from .. import api
 from ..errors import AttnprobeError
-from ..io.atomic import write_text
+from ..io.atomic import write_json, write_text
 from ..io.checkpoints import file_sha256, load_checkpoint
-from ..settings import DistillSettings, RunSettings, ScoreSettings, SelectSettings
+from ..settings import DistillSettings, EvaluateSettings, RunSettings, ScoreSettings, SelectSettings
 from ..training import distributed
+from .run_files import CONFIG_FIX, check_side_files, read_evaluation, read_stages, run_json
 
 
 def _key(*parts) -> str:
@@ -32,16 +34,12 @@ def _key(*parts) -> str:
 
 
 class Stages:
-    """RUN/stages.json: what ran, with which key, how long. Written by rank 0 only, and only on change."""
+    """RUN/stages.json: what ran, with which key, how long. Written by rank 0 only, and only on change. A
+    damaged one is refused (one line), not taken for a fresh run: that would clear every finished stage."""
 
     def __init__(self, run: Path):
         self.path = run / "stages.json"
-        self.rows: list[dict] = []
-        if self.path.is_file():
-            try:
-                self.rows = json.loads(self.path.read_text())
-            except ValueError:
-                self.rows = []  # a torn or edited file: every stage is redone, nothing is trusted
+        self.rows: list[dict] = read_stages(run)
         self.by_name = {r["stage"]: r for r in self.rows if isinstance(r, dict) and "stage" in r}
 
     def done(self, name: str, key: str) -> bool:
@@ -98,7 +96,6 @@ def _hms(seconds: float) -> str:
 def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_settings: ScoreSettings,
         select_settings: SelectSettings, distill_settings: DistillSettings) -> dict:
     """Run (or continue, or reuse) every stage into `out`; returns {strategy: evaluation} and the run folder."""
-    from ..api import distill, score, select
     from ..io.folders import PathList
     from ..io.shards import content_digest, is_shard_pool
 
@@ -109,8 +106,10 @@ def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_setti
         raise AttnprobeError(f"--teacher {teacher} is not a file; pass a checkpoint (train-teacher or import-teacher)")
     if out.exists() and not out.is_dir():
         raise AttnprobeError(f"--out {out} is a file; pass a folder for the run")
-    device = distributed.init_distributed(score_settings.device)
+    device = str(distributed.init_distributed(score_settings.device))  # this process's device, as a setting
     try:
+        stages = Stages(out)  # read (a damaged one refused) before anything is written
+        check_side_files(out, run_settings.strategies)
         if distributed.is_main():
             out.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
@@ -118,8 +117,7 @@ def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_setti
                   "test": str(test) if test else None, "strategies": list(run_settings.strategies),
                   "score": score_settings.asdict(), "select": select_settings.asdict(),
                   "distill": distill_settings.asdict()}
-        _write_if_changed(out / "config.json", json.dumps(config, indent=1, default=str) + "\n")
-        stages = Stages(out)
+        _write_config(out / "config.json", config)
         distributed.barrier()  # every process has read stages.json before anyone changes it
 
         plan = ["score"] + [f"{stage}:{s}" for s in run_settings.strategies
@@ -147,7 +145,7 @@ def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_setti
             stages.mark(name, key, "done", bar.took[name])
 
         stage("score", score_key, scores,
-              lambda: score(teacher, wild, scores, settings=score_settings, device=device),
+              lambda: api.score(teacher, wild, scores, settings=score_settings, device=device),
               clear=(scores, scores.with_name("scores.skipped.csv"), scores.with_name("scores.parquet.parts")))
         results = {}
         for strategy in run_settings.strategies:
@@ -156,21 +154,21 @@ def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_setti
             select_key = _key(score_key, sel_settings.result_settings())
             selection = folder / "selection.parquet"
             stage(f"select:{strategy}", select_key, selection,
-                  _on_main(select, scores, out=selection, settings=sel_settings),
+                  _on_main(api.select, scores, out=selection, settings=sel_settings),
                   clear=(selection, selection.with_suffix(".json")))
             distill_key = _key(select_key, str(test), distill_settings.result_settings())
             student = folder / "student"
             resume = student / "last.pt"
             stage(f"distill:{strategy}", distill_key, student / "best.pt",
-                  lambda: distill(teacher, wild, selection, out=student, test=test, settings=distill_settings,
+                  lambda: api.distill(teacher, wild, selection, out=student, test=test, settings=distill_settings,
                                   device=device, resume=str(resume) if resume.is_file() else None,
                                   overwrite=not resume.is_file()),  # a cleared or never-saved student folder
                   clear=(student,))
             evaluation = folder / "evaluation.json"
             stage(f"evaluate:{strategy}", distill_key, evaluation,
                   lambda: _evaluate(teacher, student / "best.pt", test, evaluation, out / "teacher-evaluation.json",
-                                    distill_settings))
-            results[strategy] = json.loads(evaluation.read_text()) if evaluation.is_file() else None
+                                    distill_settings, device))
+            results[strategy] = read_evaluation(evaluation)
         report_key = _key([stages.by_name[n]["key"] for n in plan[:-1]])
         stage("report", report_key, out / "report.html", _on_main(_report, out))
         distributed.barrier()
@@ -187,26 +185,31 @@ def _on_main(fn, *args, **kwargs):
     return work
 
 
-def _write_if_changed(path: Path, text: str) -> None:
-    if distributed.is_main() and not (path.is_file() and path.read_text() == text):
+def _write_config(path: Path, config: dict) -> None:
+    """RUN/config.json, rewritten only when a setting changed (a damaged one is refused, not overwritten)."""
+    text = json.dumps(config, indent=1, default=str) + "\n"
+    old = run_json(path, "the config of an `attnprobe run`", {}, fix=CONFIG_FIX)
+    if distributed.is_main() and old != json.loads(text):
         write_text(path, text)
 
 
-def _evaluate(teacher: Path, best: Path, test, out: Path, teacher_cache: Path, settings: DistillSettings) -> None:
+def _evaluate(teacher: Path, best: Path, test, out: Path, teacher_cache: Path, settings: DistillSettings,
+              device) -> None:
     """evaluation.json: the student and the teacher side by side (cost, fidelity, test accuracy).
 
     Every process takes part in the test evaluations (sharded, counts summed); rank 0 alone times the
     models, so that the processes do not compete for the cores it measures, and writes the files."""
-    from ..training.loop import evaluate_model
+    from ..stages.evaluate import evaluate_model
     from ..training.measure import model_cost
-    loader = dict(batch_size=settings.batch_size, workers=settings.workers, progress=False)
+    loader = EvaluateSettings(batch_size=settings.batch_size, workers=settings.workers, device=device,
+                              progress=False)
 
     def measured(ckpt, keep=()) -> dict:
         """Test accuracy and cost of a checkpoint, plus the info fields `keep` (loaded once)."""
         net, info = load_checkpoint(ckpt)
         row = {**{k: info.get(k) for k in keep}, "test_top1": None, "test_top5": None}
         if test is not None:
-            result = evaluate_model(net, info, test, **loader)
+            result = evaluate_model(net, info, test, settings=loader)
             row.update(test_top1=result["top1"], test_top5=result["top5"])
         if distributed.is_main():
             row.update(model_cost(net, info))
@@ -214,14 +217,14 @@ def _evaluate(teacher: Path, best: Path, test, out: Path, teacher_cache: Path, s
 
     student = measured(best, keep=("fidelity",))
     key = _key(file_sha256(teacher), str(test))
-    cached = json.loads(teacher_cache.read_text()) if teacher_cache.is_file() else {}
+    cached = read_evaluation(teacher_cache, {})
     if cached.get("key") != key:  # the teacher is measured once per run, not once per strategy
         cached = {"key": key, **measured(teacher)}
         if distributed.is_main():
-            write_text(teacher_cache, json.dumps(cached, indent=1) + "\n")
+            write_json(teacher_cache, cached)
     if distributed.is_main():
         teacher_row = {k: v for k, v in cached.items() if k != "key"}
-        write_text(out, json.dumps({"student": student, "teacher": teacher_row}, indent=1) + "\n")
+        write_json(out, {"student": student, "teacher": teacher_row})
 
 
 def _report(out: Path) -> None:

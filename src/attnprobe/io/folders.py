@@ -156,3 +156,11 @@ def split_dir(root, split: str) -> Path:
         raise AttnprobeError(f"{root} has no {split}/ folder; expected an ImageFolder root with train/<class>/ "
                              "and val/<class>/ (attnprobe prepare makes one)")
     return path
+
+
+def class_dir(path, classes, split: str) -> Path:
+    """A folder of class folders, or an ImageFolder root whose `split`/ is one."""
+    path = Path(path)
+    if path.is_dir() and not {d.name for d in path.iterdir() if d.is_dir()} & set(classes) and (path / split).is_dir():
+        return path / split
+    return path

@@ -67,7 +67,7 @@ class FileLock:
 
 
 def hold(path, what: str, fix: str) -> FileLock:
-    """The lock on `path`, or one AttnprobeError line: `another {what} is writing ... ({holder}); {fix}`."""
+    """The lock on `path`, or one AttnprobeError line: `another {what} is running (it holds {path}, pid N); {fix}`."""
     lock = FileLock(path)
     if not lock.acquire():
         holder = lock.holder()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -27,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AttnprobeError
+from .atomic import replacing
+from .jsonfiles import read_json
+from .outputs import uids_path
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -99,10 +101,11 @@ def stats_path(path) -> Path:
 
 
 def _stats_samples(path) -> int | None:
-    """The samples a shard holds, by its `_stats.json` (`successes`, img2dataset's count of samples written)."""
+    """The samples a shard holds, by its `_stats.json` (`successes`, img2dataset's count of samples written).
+    Only a hint for dealing shards to ranks: a missing or damaged stats file counts as unknown."""
     try:
-        n = json.loads(stats_path(path).read_text()).get("successes")
-    except (OSError, ValueError, AttributeError):
+        n = read_json(stats_path(path), what="img2dataset's shard stats", fix="", missing={}).get("successes")
+    except (AttnprobeError, OSError):
         return None
     return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
 
@@ -193,29 +196,21 @@ def datacomp_uids(uids) -> np.ndarray | None:
 
 
 def write_uids(uids, path) -> int | None:
-    """Write `datacomp_uids(uids)` to `path` (temporary file, then rename); the count written, or None (and
+    """Write `datacomp_uids(uids)` to `path` (whole or not at all: io.atomic); the count written, or None (and
     nothing written, an older file at `path` removed) when the uids are not DataComp's."""
     path = Path(path)
     array = datacomp_uids(uids)
     if array is None or not len(array):
         path.unlink(missing_ok=True)  # a stale list from an earlier selection would not match this one
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
     return len(array)
 
 
 def write_selection_uids(selected, out) -> str | None:
     """Beside selection `out`: `<stem>.uids.npy` (DataComp's subset file) when the selected rows have DataComp
     uids; the file's path, or None (and no such file left from an earlier selection)."""
-    from .outputs import uids_path
     path = uids_path(out)
     if "uid" not in selected.columns:
         path.unlink(missing_ok=True)

@@ -14,7 +14,6 @@ plain containers and the `argparse.Namespace` that DeiT and timm training checkp
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import re
 import struct
@@ -25,6 +24,8 @@ import torch
 
 from ..errors import AttnprobeError
 from .convert import transformers_to_timm
+from .jsonfiles import field as json_field
+from .jsonfiles import read_json
 
 # The reference code's names for its CIFAR (32 px) and MNIST (28 px, one channel) models, as timm
 # architectures with the same weights: its TeacherVisionTransformer is timm's ViT with its keys.
@@ -177,7 +178,10 @@ def _floats(values) -> list[float] | None:
 def _folder_weights(folder: Path) -> dict:
     index = folder / "model.safetensors.index.json"
     if index.is_file():  # sharded save_pretrained output
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        fix = "re-save the model, or pass its complete folder"
+        weight_map = json_field(read_json(index, what="the index of a sharded save", fix=fix), "weight_map", dict,
+                           path=index, what="the index of a sharded save", fix=fix)
+        shards = sorted(set(map(str, weight_map.values())))
         return {k: v for s in shards for k, v in _load_safetensors(folder / s).items()}
     for name in _WEIGHT_FILES:
         if (folder / name).is_file():
@@ -191,10 +195,8 @@ def _read_folder(folder: Path, ema: bool) -> Source:
     if not config_file.is_file():
         raise AttnprobeError(f"{folder} has no config.json; pass a timm (save_for_hf) or transformers model "
                              "folder, or the checkpoint file itself")
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as e:
-        raise AttnprobeError(f"{config_file} is not valid JSON ({e})") from None
+    config = read_json(config_file, what="the model's config", fix="re-save the model folder, or pass the "
+                       "checkpoint file itself")
     if ema:
         raise AttnprobeError(f"{folder} holds one set of weights; drop --ema")
     state = _folder_weights(folder)
@@ -211,7 +213,8 @@ def _read_folder(folder: Path, ema: bool) -> Source:
     if "model_type" in config:  # transformers save_pretrained
         arch, kwargs, timm_state, extras = transformers_to_timm(config, state)
         pre = folder / "preprocessor_config.json"
-        pre = json.loads(pre.read_text()) if pre.is_file() else {}
+        pre = read_json(pre, what="the image processor's config", fix="re-save the model folder, or delete the "
+                        "file and pass --mean and --std", missing={})
         return Source(state=timm_state, kind=f"transformers {config['model_type']} folder", arch=arch,
                       model_kwargs=kwargs, classes=extras["classes"], mean=_floats(pre.get("image_mean")),
                       std=_floats(pre.get("image_std")), layer_norm_eps=extras["layer_norm_eps"])

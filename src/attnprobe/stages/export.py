@@ -1,6 +1,6 @@
 """Export a checkpoint for use without attnprobe: a timm or transformers folder, or one ONNX file.
 
-The export is written to a hidden sibling of `out`, loaded back with its own library and compared with the
+The export is written to a hidden sibling of `out` (io.atomic), loaded back with its own library and compared with the
 checkpoint's model, and only then renamed onto `out`: a failed or interrupted export leaves nothing behind.
 """
 from __future__ import annotations
@@ -8,16 +8,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
 from ..errors import AttnprobeError
+from ..io.atomic import remove_stale, replacing, replacing_dir
 from ..io.checkpoints import load_checkpoint
+from ..settings import ExportSettings
 
-FORMATS = ("timm", "transformers", "onnx")
 # Beyond attnprobe's own dependencies (timm brings huggingface_hub and safetensors). The TorchScript ONNX
 # exporter needs `onnx` but not `onnxscript`; onnxruntime runs the check.
 _NEEDS = {"timm": (), "transformers": ("transformers",), "onnx": ("onnx", "onnxruntime")}
@@ -27,14 +27,13 @@ TIMM_EPS = 1e-6  # timm ViTs' LayerNorm eps; a timm config has no plain-value ar
 _SOURCE_KEYS = ("tag", "license", "hf_hub_id", "url", "origin_url", "paper_ids", "paper_name", "notes")
 
 
-def export(checkpoint, *, format: str, out, check: bool = True) -> dict:
+def export(*, checkpoint, out, settings: ExportSettings) -> dict:
     """Write `checkpoint` as a timm folder, a transformers folder or an ONNX file at `out` (a new path).
 
-    With `check`, the export is loaded back with its own library and its logits compared with the
+    With `settings.check`, the export is loaded back with its own library and its logits compared with the
     checkpoint's model on a seeded random input (AttnprobeError above 1e-4). Returns format, out,
     max_abs_diff (None without check) and the files written."""
-    if format not in FORMATS:
-        raise AttnprobeError(f"unknown export format {format!r}; pick one of {', '.join(FORMATS)}")
+    format = settings.format
     missing = [name for name in _NEEDS[format] if importlib.util.find_spec(name) is None]
     if missing:
         raise AttnprobeError(f"export --format {format} needs {' and '.join(missing)}: "
@@ -47,30 +46,18 @@ def export(checkpoint, *, format: str, out, check: bool = True) -> dict:
     if format == "timm" and info.get("layer_norm_eps") not in (None, TIMM_EPS):
         raise AttnprobeError(f"{checkpoint} uses LayerNorm eps {info['layer_norm_eps']:g}, which a timm config "
                              "cannot express; export --format transformers or onnx instead")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    _remove(tmp)  # a leftover of a killed export with the same pid
-    try:
+    remove_stale(out)  # leftovers of a killed export
+    # written beside `out`, checked there, and only then renamed onto it: a failed check leaves nothing
+    with (replacing(out) if format == "onnx" else replacing_dir(out)) as tmp:
         _WRITERS[format](model, info, tmp)
         if tmp.is_dir():
             (tmp / "README.md").write_text(_model_card(info, format, out.name))
-        diff = _CHECKERS[format](model, info, tmp) if check else None
+        diff = _CHECKERS[format](model, info, tmp) if settings.check else None
         if diff is not None and not diff <= TOLERANCE:  # NaN fails too
             raise AttnprobeError(f"the {format} export's logits differ from the checkpoint's by {diff:.2e} "
                                  f"(> {TOLERANCE:g}); this is a bug, please report it with the checkpoint")
-        os.replace(tmp, out)
-    except BaseException:
-        _remove(tmp)
-        raise
     files = sorted(str(p) for p in out.iterdir()) if out.is_dir() else [str(out)]
     return {"format": format, "out": str(out), "max_abs_diff": diff, "files": files}
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def _input_size(info) -> tuple[int, int, int]:
@@ -104,7 +91,6 @@ def _write_transformers(model, info, path: Path) -> None:
 
     from ..io.convert import timm_to_transformers
     config, state = timm_to_transformers(model, info)
-    path.mkdir()
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in state.items()}, path / "model.safetensors", metadata={"format": "pt"})
     _, h, w = _input_size(info)

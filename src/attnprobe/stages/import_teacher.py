@@ -14,6 +14,7 @@ from ..errors import AttnprobeError
 from ..io.checkpoints import save_checkpoint
 from ..io.sources import read_source
 from ..models import build_model, default_norm, describe, geometry, resolve_model
+from ..settings import EvaluateSettings, ImportSettings
 
 CIFAR10 = "airplane automobile bird cat deer dog frog horse ship truck".split()
 CIFAR100 = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel
@@ -37,58 +38,43 @@ def known_classes(name: str) -> list[str] | None:
     return None
 
 
-def import_teacher(source, *, out, model: str | None = None, model_kwargs: dict | None = None,
-                   classes: str | None = None, mean=None, std=None, val=None, accuracy: float | None = None,
-                   ema: bool = False, batch_size: int = 256, workers: int = 2, device: str | None = None,
-                   progress: bool = True) -> dict:
+def import_teacher(*, source, out, settings: ImportSettings) -> dict:
     """Read a teacher from a DeiT/reference, timm or transformers checkpoint or folder, a bare state dict,
     safetensors or hf-hub:ORG/NAME (local cache only); write it to `out` as an attnprobe checkpoint.
     Returns the checkpoint's info. Nothing is written unless every check passes."""
-    out = _check_out(out)
-    if val is not None and accuracy is not None:
-        raise AttnprobeError("pass --val (measure the accuracy) or --accuracy (state it), not both")
-    if accuracy is not None and not 0 < accuracy <= 1:
-        raise AttnprobeError(f"--accuracy {accuracy} is not a fraction; write e.g. 0.9665 for 96.65%")
-    src = read_source(source, ema=ema)
+    s = settings
+    model, accuracy, val = s.model, s.accuracy, s.val
+    src = read_source(source, ema=s.ema)
     name = model or src.arch
     if name is None:
         raise AttnprobeError(f"{source} ({src.kind}) does not name its architecture; pass --model (a timm name, or "
                              "ap_teacher_32 for the reference's CIFAR teachers) and --model-kwargs if it was changed")
     # The file's constructor arguments describe the file's architecture: they hold unless --model replaces it.
-    arch, kwargs = resolve_model(name, {**({} if model else src.model_kwargs), **(model_kwargs or {})})
+    arch, kwargs = resolve_model(name, {**({} if model else src.model_kwargs), **s.model_kwargs})
     head = src.state.get("head.weight")
     if head is None:
         raise AttnprobeError(f"{source} has no classifier (head.weight); import a model with its classification head")
     net = build_model(arch, kwargs, head.shape[0], layer_norm_eps=src.layer_norm_eps)
     _load_weights(net, src.state, name, source)
     in_chans = geometry(net)["in_chans"]
-    names = _classes(src.classes, classes, val, head.shape[0])
+    names = _classes(src.classes, s.classes, val, head.shape[0])
     d_mean, d_std = default_norm(arch, in_chans)
-    mean, std = src.mean or mean or d_mean, src.std or std or d_std
+    mean, std = src.mean or s.mean or d_mean, src.std or s.std or d_std
     if len(mean) != in_chans or len(std) != in_chans or min(std) <= 0:
         raise AttnprobeError(f"mean {mean} / std {std} do not fit a {in_chans}-channel input with std > 0; "
                              f"give {in_chans} values each to --mean and --std")
     info = describe(net, arch, kwargs, names, mean, std, accuracy=accuracy, role="teacher",
                     source=str(source) if str(source).startswith("hf-hub:") else os.path.abspath(source),
-                    source_kind=src.kind, weights="ema" if ema else "model",
+                    source_kind=src.kind, weights="ema" if s.ema else "model",
                     layer_norm_eps=src.layer_norm_eps, accuracy_source="given" if accuracy is not None else None)
     if val is not None:
-        from ..training.loop import evaluate_model
-        result = evaluate_model(net, info, val, batch_size=batch_size, workers=workers, device=device,
-                                progress=progress)
+        from .evaluate import evaluate_model
+        result = evaluate_model(net, info, val, settings=EvaluateSettings.build(
+            batch_size=s.batch_size, workers=s.workers, device=s.device, progress=s.progress))
         info.update(accuracy=result["top1"], accuracy_source=f"measured on {os.path.abspath(val)} "
                                                              f"({result['n']} images)")
     save_checkpoint(out, net.cpu(), info)
     return info
-
-
-def _check_out(out) -> Path:
-    out = Path(out)
-    if str(out) in ("", ".") or out.is_dir():
-        raise AttnprobeError(f"--out {str(out)!r} is a folder; name the checkpoint file, e.g. teacher.pt")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise AttnprobeError(f"--out {out}: {out.parent} is a file, not a folder")
-    return out
 
 
 def _load_weights(net, state: dict, name: str, source) -> None:

@@ -10,15 +10,12 @@ is fine: downstream code goes by folder name.
 
 `src` is the official archive (read member by member, never extracted to disk), its extracted folder, or a
 parent holding only that folder. The tree is built in `.<out>.partial` beside `out` and renamed into place
-at the end, so `out` is complete or absent. CIFAR pickles go through an unpickler that only builds arrays.
+at the end (io.atomic.replacing_dir), so `out` is complete or absent. CIFAR pickles go through an unpickler that only builds arrays.
 """
 from __future__ import annotations
 
 import io
-import json
-import os
 import pickle
-import shutil
 import tarfile
 import zipfile
 import zlib
@@ -30,6 +27,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import AttnprobeError
+from ..io.atomic import remove_stale, replacing_dir, write_json
+from ..settings import PrepareSettings
 
 CIFAR = {
     "cifar10": dict(folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
@@ -39,35 +38,23 @@ CIFAR = {
                      meta="meta", labels=b"fine_labels", names=b"fine_label_names"),
 }
 TINY_FILES = ("wnids.txt", "words.txt", "val/val_annotations.txt")
-KINDS = (*CIFAR, "tinyimagenet")
 _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, IndexError,
                 pickle.UnpicklingError, tarfile.TarError, zipfile.BadZipFile, zlib.error)
 
 
-def prepare(kind: str, src, out, progress: bool = True) -> dict:
-    """Convert the official `kind` dataset at `src` into an ImageFolder tree at `out`.
+def prepare(*, src, out, settings: PrepareSettings) -> dict:
+    """Convert the official `settings.kind` dataset at `src` into an ImageFolder tree at `out`.
 
     Returns {"kind", "out", "classes": n_classes, "train": n_train_images, "val": n_val_images}."""
-    if kind not in KINDS:
-        raise AttnprobeError(f"unknown dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
+    kind = settings.kind
     src, out = Path(src), Path(out)
-    if not src.exists():
-        raise AttnprobeError(f"source {src} does not exist; pass the official archive or its extracted folder")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise AttnprobeError(f"{out} already exists; remove it or choose another OUT")
-    partial = out.parent / f".{out.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)  # left over from an interrupted run
-    try:
-        partial.mkdir(parents=True)
+    remove_stale(out)  # left over from an interrupted run
+    with replacing_dir(out) as partial:
         convert = _tinyimagenet if kind == "tinyimagenet" else _cifar
-        classes, names, counts = convert(kind, src, partial, progress)
-        (partial / "classes.json").write_text(json.dumps({"classes": classes, "names": names}, indent=1))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        classes, names, counts = convert(kind, src, partial, settings.progress)
+        write_json(partial / "classes.json", {"classes": classes, "names": names}, sync=False)
     return {"kind": kind, "out": str(out), "classes": len(classes), **counts}
 
 

@@ -5,29 +5,31 @@ for other tools, or read back from remote or compressed shards as plain local on
     OUT/00000.tar, 00000_stats.json, ...   `shard_size` samples each, in pool order, member names kept
     OUT/selection.parquet (+ .json)        the selection with `path`, `offset`, `size` pointing into OUT
 
-The source shards are streamed (shards.TarSamples: plain or compressed, nothing extracted). Everything is
-written into `OUT/.reshard.tmp` first and moved into OUT at the end, so a stopped run leaves no shard
-behind; a sample key met twice in one new shard (pools whose keys repeat across shards) is made unique by
-prefixing its members with the source shard's stem.
+The source shards are streamed (tar_members.TarSamples: plain or compressed, nothing extracted). OUT is
+built whole beside its place and renamed into it at the end (io.atomic.replacing_dir), so a stopped run
+leaves no shard behind; OUT must be a new or empty folder. A sample key met twice in one new shard (pools
+whose keys repeat across shards) is made unique by prefixing its members with the source shard's stem.
 """
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
-import shutil
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from ..errors import AttnprobeError
+from ..io.atomic import remove_stale, replacing_dir, write_json
+from ..io.jsonfiles import read_json
 from ..io.shards import list_shards
 from ..io.tables import read_table, write_table
 from ..io.tar_members import TarSamples, sample_key
 
-TMP = ".reshard.tmp"
+if TYPE_CHECKING:
+    from ..settings import ReshardSettings
 
 
 class ShardWriter:
@@ -66,29 +68,25 @@ class ShardWriter:
         n = len(self.keys)
         stats = {"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0, "status": "success",
                  "written_by": "attnprobe reshard"}
-        (self.folder / f"{self.stems[-1]}_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+        write_json(self.folder / f"{self.stems[-1]}_stats.json", stats, sync=False)  # in replacing_dir's folder
         self.tar = None
 
 
 def _check_out(out: Path, shards) -> None:
     if any(Path(s.path).resolve().parent == out.resolve() for s in shards):
         raise AttnprobeError(f"--out {out} holds the shards being read; pass a new folder")
-    held = sorted(p.name for p in out.glob("*.tar")) if out.is_dir() else []
-    if held or (out / "selection.parquet").exists():
-        what = f"{len(held)} .tar shards" if held else "selection.parquet"
-        raise AttnprobeError(f"--out {out} already holds {what}; pass a new folder, or delete them to reshard again")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:
+        tars = [n for n in held if n.endswith(".tar")]
+        what = (f"{len(tars)} .tar shards" if tars else "selection.parquet" if "selection.parquet" in held
+                else f"{len(held)} file(s), e.g. {held[0]}")
+        raise AttnprobeError(f"--out {out} already holds {what}; pass a new or empty folder, or delete them to "
+                             "reshard again")
 
 
-def reshard(selection, wild, out, *, shard_size: int = 10000, progress: bool = True) -> dict:
-    """Copy the samples of `selection` (a score or selection table of the shard pool `wild`) into new shards in
-    `out`; returns {shards, samples, members, out, selection}."""
-    df, meta = read_table(selection)
-    if "path" not in df.columns or df.empty:
-        raise AttnprobeError(f"{selection} has no rows to copy; pass the output of `attnprobe select`")
-    if shard_size < 1:
-        raise AttnprobeError(f"--shard-size {shard_size} must be at least 1")
-    shards, out = list_shards(wild), Path(out)
-    by_stem = {s.stem: s for s in shards}
+def _wanted(df, selection, wild, shards) -> dict[str, set[str]]:
+    """{shard stem: sample keys} of the selection's rows; a row in no shard of `wild` is refused."""
+    by_stem = {s.stem for s in shards}
     wanted: dict[str, set[str]] = {}
     for path in df["path"]:
         stem, _, member = path.partition("/")
@@ -96,22 +94,36 @@ def reshard(selection, wild, out, *, shard_size: int = 10000, progress: bool = T
             raise AttnprobeError(f"row {path} of {selection} is in no shard that --wild {os.fspath(wild)} names; pass "
                                  "the --wild pattern that was scored")
         wanted.setdefault(stem, set()).add(sample_key(member))
+    return wanted
+
+
+def reshard(*, selection, wild, out, settings: ReshardSettings) -> dict:
+    """Copy the samples of `selection` (a score or selection table of the shard pool `wild`) into new shards of
+    settings.shard_size samples in the new folder `out`; returns {shards, samples, members, out, selection}."""
+    df, meta = read_table(selection)
+    if "path" not in df.columns or df.empty:
+        raise AttnprobeError(f"{selection} has no rows to copy; pass the output of `attnprobe select`")
+    summary_path = Path(selection).with_suffix(".json")
+    summary = read_json(summary_path, what="the selection's summary", missing={},
+                        fix=f"rerun `attnprobe select` to write {Path(selection).name} and its summary again")
+    shards, out = list_shards(wild), Path(out)
+    wanted = _wanted(df, selection, wild, shards)
     _check_out(out, shards)
-    tmp = out / TMP
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a stopped run
-    tmp.mkdir(parents=True)
+    remove_stale(out)  # left by a stopped run
     n_samples = sum(len(keys) for keys in wanted.values())
-    writer = ShardWriter(tmp, shard_size, max(5, len(str(math.ceil(n_samples / shard_size) - 1))))
+    width = max(5, len(str(math.ceil(n_samples / settings.shard_size) - 1)))
     moved, members = {}, 0
-    try:
-        for shard in tqdm([s for s in shards if s.stem in wanted], desc="reshard", unit="shard",
-                          disable=not progress or None):
-            keys = wanted[shard.stem]
-            for sample in TarSamples(shard.path, wanted=keys.__contains__):
-                for name, path, offset, size in writer.add(shard.stem, sample):
-                    moved[f"{shard.stem}/{name}"] = (path, offset, size)
-                    members += 1
-        writer.close()
+    with replacing_dir(out) as tmp:
+        writer = ShardWriter(tmp, settings.shard_size, width)
+        try:
+            for shard in tqdm([s for s in shards if s.stem in wanted], desc="reshard", unit="shard",
+                              disable=not settings.progress or None):
+                for sample in TarSamples(shard.path, wanted=wanted[shard.stem].__contains__):
+                    for name, path, offset, size in writer.add(shard.stem, sample):
+                        moved[f"{shard.stem}/{name}"] = (path, offset, size)
+                        members += 1
+        finally:
+            writer.close()
         missing = [p for p in df["path"] if p not in moved]
         if missing:
             raise AttnprobeError(f"{len(missing)} selected members were not found in their shards (e.g. {missing[0]}): "
@@ -123,16 +135,7 @@ def reshard(selection, wild, out, *, shard_size: int = 10000, progress: bool = T
         df["size"] = [moved[p][2] for p in old]
         write_table(df, tmp / "selection.parquet", {**meta, "resharded_from": {"selection": os.path.abspath(selection),
                                                                                "wild": os.path.abspath(wild)}})
-        summary = Path(selection).with_suffix(".json")
-        if summary.is_file():
-            shutil.copyfile(summary, tmp / "selection.json")
-    except BaseException:
-        writer.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    names = sorted(p.name for p in tmp.iterdir())
-    for name in sorted(names, key=lambda n: n.startswith("selection.")):  # the selection last: it says "done"
-        os.replace(tmp / name, out / name)
-    tmp.rmdir()
+        if summary_path.is_file():
+            write_json(tmp / "selection.json", summary, sync=False)
     return {"shards": len(writer.stems), "samples": n_samples, "members": members, "out": os.fspath(out),
             "selection": os.fspath(out / "selection.parquet")}

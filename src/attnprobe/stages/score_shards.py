@@ -17,37 +17,28 @@ the same image bytes extracted to a folder, with the shard as the unit of work.
 """
 from __future__ import annotations
 
-import json
-import os
-from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from ..io.checkpoints import file_sha256, load_checkpoint
+from ..io.checkpoints import load_checkpoint
 from ..io.datasets import failure_reason
 from ..io.folders import is_image_file
 from ..io.images import eval_transform, load_image
-from ..io.outputs import parts_dir, skipped_path
+from ..io.outputs import parts_dir
 from ..io.shards import Shard, deal_shards, list_shards, listing_digest, shard_weights
-from ..io.tables import PART_KEY
 from ..io.tar_members import MemberFile, TarSamples
 from ..training import distributed
-from .score import (
-    MAX_STORED_CLASSES,
-    ScoringForward,
-    _Chunk,
-    _part,
-    _setup,
-    _write_part,
-    score_in_parts,
-    table_schema,
-)
+from . import score_parts
+from .scoring import ChunkResult, ScoringForward, keeps_probs, prepare_model, probe_blocks, table_schema
+
+if TYPE_CHECKING:
+    from ..settings import ScoreSettings
 
 SHARD_COLUMNS = (pa.field("uid", pa.string()), pa.field("offset", pa.int64()), pa.field("size", pa.int64()))
 
@@ -106,8 +97,8 @@ def _as_is(batch):
     return batch
 
 
-class _ShardResult(_Chunk):
-    """One shard's results (as score._Chunk), plus its members' uid, offset and size."""
+class ShardResult(ChunkResult):
+    """One shard's results (as scoring.ChunkResult), plus its members' uid, offset and size."""
 
     def __init__(self, index: int):
         super().__init__(index)
@@ -123,33 +114,28 @@ class _ShardResult(_Chunk):
         return table.cast(schema)
 
 
-def score_shard_list(model, info: dict, shards: list[Shard], mine: list[int], blocks: list[int], heads: str = "first",
-                     batch_size: int = 256, workers: int = 2, device="cpu", amp: bool = False,
-                     channels_last: bool = False, compile: bool = False, progress: bool = True, on_shard=None, *,
-                     resize: str = "crop") -> None:
+def score_shard_list(model, info: dict, *, shards: list[Shard], mine: list[int], blocks: list[int],
+                     settings: ScoreSettings, device, progress: bool, on_shard) -> None:
     """Score the shards `mine` (indices into `shards`). After each shard, `on_shard(index, table, skipped)`
     receives its arrow table (rows in member order) and its skipped list [(path, reason), ...]."""
     if not mine:
         return
     device = torch.device(device)
-    keep_probs = info["num_classes"] <= MAX_STORED_CLASSES
+    keep_probs = keeps_probs(info)
     schema = shard_table_schema(blocks, keep_probs)
     size = info["img_size"] if isinstance(info["img_size"], int) else max(info["img_size"])
-    ds = ShardBatches([(i, shards[i].path, shards[i].stem) for i in mine], eval_transform(info, resize=resize),
-                      info["in_chans"], size, batch_size)
-    workers = min(workers, len(mine))
-    loader = DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=_as_is,
+    ds = ShardBatches([(i, shards[i].path, shards[i].stem) for i in mine],
+                      eval_transform(info, resize=settings.resize), info["in_chans"], size, settings.batch_size)
+    loader = DataLoader(ds, batch_size=None, num_workers=min(settings.workers, len(mine)), collate_fn=_as_is,
                         pin_memory=device.type == "cuda", persistent_workers=False)
-    model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(model, device, settings.channels_last)
     counts = [shards[i].samples for i in mine]
     bar = tqdm(total=sum(counts) if None not in counts else None, desc="score", unit="img",
                disable=not progress or None)
-    results: dict[int, _ShardResult] = {}
-    with ScoringForward(model, blocks, heads, device, amp, channels_last, compile, batch_size) as fwd:
+    results: dict[int, ShardResult] = {}
+    with ScoringForward.of(model, blocks, settings, device) as fwd:
         for index, images, members, failed, problem, last in loader:
-            r = results.setdefault(index, _ShardResult(index))
+            r = results.setdefault(index, ShardResult(index))
             stem = shards[index].stem
             r.skipped += [(f"{stem}/{name}", reason) for name, reason in failed]
             if images is not None:
@@ -160,66 +146,42 @@ def score_shard_list(model, info: dict, shards: list[Shard], mine: list[int], bl
                 if problem is not None:
                     r.skipped.append((shards[index].path, problem))
                 del results[index]
-                if on_shard is not None:
-                    on_shard(index, r.shard_table(stem, schema, blocks), r.skipped)
+                on_shard(index, r.shard_table(stem, schema, blocks), r.skipped)
     bar.close()
 
 
-def _write_shard_part(parts: Path, index: int, shard: Shard, table: pa.Table, skipped) -> None:
-    _write_part(parts, index, table, skipped, marker=shard.marker())
-
-
 def finished_shards(parts: Path, shards: list[Shard]) -> set[int]:
-    """The shards whose part is written and whose marker still matches the shard's file (size, time)."""
-    if not parts.is_dir():
-        return set()
-    names, done = {p.name for p in parts.iterdir()}, set()
-    for i, shard in enumerate(shards):
-        if _part(parts, i).name not in names:
-            continue
-        try:
-            recorded = json.loads(pq.read_metadata(_part(parts, i)).metadata[PART_KEY])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # unreadable: scored again, and replaced
-        if all(recorded.get(k) == v for k, v in shard.marker().items()):
-            done.add(i)
-    return done
+    """The shards whose part is written and whose marker still matches the shard's file (size, time); an
+    unreadable part is scored again, and replaced."""
+    done = score_parts.finished_parts(parts, len(shards))
+    records = {i: score_parts.part_record(parts, i) for i in done}
+    return {i for i, r in records.items()
+            if r is not None and all(r.get(k) == v for k, v in shards[i].marker().items())}
 
 
-def score_shards(teacher, wild, out, *, blocks=None, heads: str = "first", batch_size: int = 256, workers: int = 2,
-                 device=None, amp: bool = False, progress: bool = True, channels_last: bool = False,
-                 compile: bool = False, resize: str = "crop") -> dict:
+def score_shards(*, teacher, wild, out, settings: ScoreSettings) -> dict:
     """`score` of a pool of tar shards (`wild`: a brace pattern, a glob or one .tar): the table at `out`,
     the skipped members and shards beside it. Resumable and shardable by shard (see the module's text).
     Returns the table's metadata with `scored`, `skipped`, `rows`, `skipped_csv`, `rank`, `shards`."""
-    joined_here = not distributed.is_distributed()
-    device = distributed.init_distributed(device, timeout=timedelta(hours=3))  # rank 0 merges while others wait
-    rank, world = distributed.rank(), distributed.world_size()
-    model, info = load_checkpoint(teacher, "cpu")
-    blocks = _setup(model, info, blocks, heads, 1, resize)
-    shards = list_shards(wild)
-    out = Path(out)
-    parts = parts_dir(out)
-    settings = {"format": 1, "teacher": os.path.abspath(teacher), "teacher_sha256": file_sha256(teacher),
-                "wild": os.path.abspath(wild), "pool_size": len(shards), "pool_sha256": listing_digest(shards),
-                "blocks": blocks, "heads": heads, "chunk_size": None, "amp": bool(amp), "resize": resize}
-    meta = {"num_classes": info["num_classes"], "classes": info["classes"], "blocks": blocks, "heads": heads,
-            "resize": resize, "wild": os.path.abspath(wild), "teacher": os.path.abspath(teacher),
-            "teacher_sha256": settings["teacher_sha256"], "shards": len(shards)}
-    weights = shard_weights(shards)
+    with score_parts.joined(settings) as device:
+        rank = distributed.rank()
+        model, info = load_checkpoint(teacher, "cpu")
+        blocks = probe_blocks(model, settings.blocks)
+        shards = list_shards(wild)
+        parts = parts_dir(out)
+        recorded = score_parts.run_settings(teacher, wild, blocks=blocks, settings=settings, pool_size=len(shards),
+                                            pool_sha256=listing_digest(shards), chunk_size=None)
+        meta = {**score_parts.table_meta(info, recorded), "shards": len(shards)}
+        weights = shard_weights(shards)
 
-    def score_mine(mine):
-        score_shard_list(model, info, shards, mine, blocks, heads, batch_size, workers, device, amp, channels_last,
-                         compile, progress and rank == 0,
-                         on_shard=lambda i, table, skipped: _write_shard_part(parts, i, shards[i], table, skipped),
-                         resize=resize)
-    try:
-        schema = shard_table_schema(blocks, info["num_classes"] <= MAX_STORED_CLASSES)
-        meta, resumed = score_in_parts(out, settings, meta, schema, len(shards), score_mine,
-                                       finished=lambda p, n: finished_shards(p, shards),
-                                       deal=lambda todo, w: deal_shards(todo, weights, w))
-    finally:
-        if joined_here:
-            distributed.cleanup()
-    return {**meta, "rows": meta["scored"], "resumed_chunks": resumed, "chunks": len(shards),
-            "skipped_csv": os.fspath(skipped_path(out)), "rank": rank, "world_size": world}
+        def write(i, table, skipped):  # through the module: tests replace it
+            score_parts.write_part(parts, i, table, skipped, marker=shards[i].marker())
+
+        def score_mine(mine):
+            score_shard_list(model, info, shards=shards, mine=mine, blocks=blocks, settings=settings, device=device,
+                             progress=settings.progress and rank == 0, on_shard=write)
+        schema = shard_table_schema(blocks, keeps_probs(info))
+        meta, resumed = score_parts.score_in_parts(out, recorded, meta, schema, len(shards), score_mine,
+                                                   finished=lambda p, n: finished_shards(p, shards),
+                                                   deal=lambda todo, w: deal_shards(todo, weights, w))
+        return score_parts.run_summary(meta, resumed, len(shards), out)

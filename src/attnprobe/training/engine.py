@@ -26,14 +26,15 @@ from ..method.probe import BlockTaps
 from .distributed import all_gather_object, all_reduce_sum, is_main
 
 
-def _bar(loader, desc, progress):
+def progress_bar(loader, desc, progress):
+    """tqdm over `loader` when `progress` (and a terminal or notebook is there to show it)."""
     return tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress or None)
 
 
 def _batches(loader, desc, progress, failed: list):
     """(images, targets-or-indices) of each batch with at least one readable image; the Unreadable items
     of collate_robust's batches go to `failed`."""
-    for batch in _bar(loader, desc, progress):
+    for batch in progress_bar(loader, desc, progress):
         if len(batch) == 3 and isinstance(batch[2], list) and batch[2] and isinstance(batch[2][0], Unreadable):
             failed.extend(batch[2])
             if batch[0] is None:
@@ -71,7 +72,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
 
 
-class _Mean:
+class Mean:
     """Running sample-weighted means of named scalars, kept on the device and summed over processes."""
 
     def __init__(self, device):
@@ -100,7 +101,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, device, label_smoothing
                     progress: bool = True, desc: str = "train") -> dict:
     """Supervised cross-entropy epoch (the teacher, or the labeled-data reference rows)."""
     model.train()
-    meter = _Mean(device)
+    meter = Mean(device)
     failed = []
     for images, targets in _batches(loader, desc, progress, failed):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -145,7 +146,7 @@ def distill_one_epoch(model: nn.Module, teacher: nn.Module, loader, optimizers: 
     teacher.eval()
     student = _unwrap(model).student
     use_probe = probe_weight > 0 and len(teacher_blocks) > 0
-    meter = _Mean(device)
+    meter = Mean(device)
     failed = []
     # The hooks are registered once for the epoch; each forward overwrites what they keep.
     with BlockTaps(teacher, output_blocks=teacher_blocks if use_probe else ()) as t_taps, \

@@ -1,35 +1,15 @@
-"""Each stage's settings, defined once.
+"""One settings dataclass per command: each field is a flag, an API keyword, a recorded setting and its check.
 
-A stage's settings are one keyword-only dataclass: its fields carry the default, the help text and the
-check of each value. The command line builds its flags from them (`add_flags`), the Python API builds
-the dataclass from keyword arguments, and `attnprobe run` records them in config.json (`asdict`).
-A new flag is one new field, plus its use in the stage.
-
-Fields marked `runtime` (workers, device, progress bars, resume) do not change a stage's result: `run`
-ignores them when it decides whether a finished stage can be reused.
+A new flag is one new field here, plus its use in the stage (`settings.name`). Fields marked `runtime`
+(workers, device, progress bars, resume) do not change a stage's result: `run` ignores them when it
+decides whether a finished stage can be reused.
 """
 from __future__ import annotations
 
-import argparse
-import copy
-import dataclasses
-import math
-import numbers
-import types
-import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass
 
-from .errors import AttnprobeError
-
-
-def setting(default=MISSING, help: str = "", *, choices=None, check=None, runtime: bool = False,
-            metavar: str | None = None):
-    """A dataclass field with its help text, allowed choices, a check `(predicate, 'what it must be')`."""
-    meta = {"help": help, "choices": choices, "check": check, "runtime": runtime, "metavar": metavar}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
+from ..errors import AttnprobeError
+from .base import Settings, check_device, setting
 
 _POSITIVE = (lambda v: v > 0, "greater than 0")
 _AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
@@ -38,100 +18,24 @@ _FRACTION = (lambda v: 0 < v <= 1, "a fraction in (0, 1], e.g. 0.9665")
 _BLOCK = (lambda v: v >= 0, "0 or more: blocks are counted from 0")
 
 
-class Settings:
-    """Shared behaviour: every value checked on construction, one line naming the flag on failure."""
-
-    def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            if value is None:
-                continue
-            value = _checked_type(f, value, *_base_type(hints[f.name]))
-            setattr(self, f.name, value)
-            values = value if isinstance(value, list) else [value]
-            if meta.get("choices") and any(v not in meta["choices"] for v in values):
-                raise AttnprobeError(f"{flag_name(f)} {_show(value)} is not one of {', '.join(map(str, meta['choices']))}")
-            check = meta.get("check")
-            if check and not all(check[0](v) for v in values):
-                raise AttnprobeError(f"{flag_name(f)} {_show(value)}: must be {check[1]}")
-
-    @classmethod
-    def build(cls, settings=None, **overrides):
-        """From another instance and/or keyword arguments; an unknown name is an error, not ignored."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise AttnprobeError(f"{cls.__name__} has no setting {unknown[0]!r}; known: {', '.join(sorted(names))}")
-        base = {f.name: getattr(settings, f.name) for f in fields(cls)} if settings is not None else {}
-        missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
-                   and f.name not in base and f.name not in overrides]
-        if missing:
-            raise AttnprobeError(f"{cls.__name__} needs {', '.join(missing)}")
-        return cls(**{**base, **overrides})
-
-    def asdict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def result_settings(self) -> dict:
-        """The settings that change the stage's result (what `run` compares to reuse a stage)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("runtime")}
-
-
-_EXPECTED = {int: "a whole number", float: "a number", bool: "True or False"}
-
-
-def _checked_type(f, value, kind, is_list: bool):
-    """`value` (not None) checked against the field's type: whole numbers for int fields, finite numbers for
-    float fields (an int is a number too), True/False for flags, a list (or tuple) of those for list fields,
-    a dict with names as keys for model kwargs (their values: _check_model). Str fields are
-    left to their choices (paths and devices may come as Path or torch.device objects from Python)."""
-    if kind is dict:
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise AttnprobeError(f"{flag_name(f)} {value!r}: expected key=value pairs (a dict with names as keys)")
-        return value  # the values: _check_model, merged with the model's preset
-    if is_list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise AttnprobeError(f"{flag_name(f)} {value!r}: expected a list of {_EXPECTED.get(kind, 'values')}s")
-    for v in value if is_list else [value]:
-        if kind is bool and not isinstance(v, bool):
-            raise AttnprobeError(f"{flag_name(f)} {v!r}: expected True or False")
-        if kind is int and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
-            raise AttnprobeError(f"{flag_name(f)} {v!r}: expected a whole number")
-        if kind is float:
-            if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                raise AttnprobeError(f"{flag_name(f)} {v!r}: expected a number")
-            if not math.isfinite(v):
-                raise AttnprobeError(f"{flag_name(f)} {v}: must be a finite number")
-    return value
-
-
-def _show(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def flag_name(f) -> str:
-    return "--" + f.name.replace("_", "-")
-
-
 # Fields several stages share: functions, so that each dataclass gets a field of its own.
 def _workers():
-    return setting(2, "DataLoader worker processes", check=_NOT_NEGATIVE, runtime=True)
+    return setting(2, "DataLoader worker processes", check=_NOT_NEGATIVE, runtime=True, shared=True)
 
 
 def _device():
-    return setting(None, "cuda, cuda:1 or cpu (default: cuda when there is one)", runtime=True)
+    return setting(None, "cuda, cuda:1 or cpu (default: cuda when there is one)", runtime=True, shared=True,
+                   check=(check_device, "a device of this machine"))
 
 
 def _progress():
-    return setting(True, "progress bars", runtime=True)
+    return setting(True, "progress bars", runtime=True, shared=True)
 
 
 def _resize():
     return setting("crop", "wild images to the teacher's input: crop = shorter side, centre crop; stretch = the "
-                           "whole image to the square input (the reference)", choices=("crop", "stretch"))
+                           "whole image to the square input (the reference)", choices=("crop", "stretch"),
+                   shared=True)
 
 
 _TRAIN_BATCH_HELP = ("images per step on each process: under torchrun the global batch is this times the number "
@@ -141,7 +45,7 @@ _TRAIN_BATCH_HELP = ("images per step on each process: under torchrun the global
 @dataclass(kw_only=True)
 class ScoreSettings(Settings):
     blocks: list[int] | None = setting(None, "0-based blocks to probe (default: 1/3, 2/3 depth)",
-                                       check=_BLOCK)
+                                       check=_BLOCK, unique=True)
     heads: str = setting("first", "head reduction of the probe: head 0 (the reference) or the mean",
                          choices=("first", "mean"))
     resize: str = _resize()
@@ -150,7 +54,7 @@ class ScoreSettings(Settings):
     compile: bool = setting(False, "torch.compile the teacher forward (GPU)", runtime=True)
     chunk_size: int = setting(2048, "images per resumable part (<out>.parts/); a rerun continues from "
                                     "finished parts", check=_AT_LEAST_1)
-    batch_size: int = setting(256, "images per batch (per process)", check=_AT_LEAST_1, runtime=True)
+    batch_size: int = setting(256, "images per batch (per process)", check=_AT_LEAST_1, runtime=True, shared=True)
     workers: int = _workers()
     device: str | None = _device()
     progress: bool = _progress()
@@ -168,7 +72,7 @@ class SelectSettings(Settings):
     w_out: float = setting(0.9, "weight of the outlier term (attnprobe)")
     normalize: str = setting("none", "put the terms on one scale before weighting (none = the paper)",
                              choices=("none", "rank", "zscore"))
-    seed: int = setting(0, "seed of the random strategy")
+    seed: int = setting(0, "seed of the random strategy", shared=True)
 
 
 @dataclass(kw_only=True)
@@ -184,7 +88,7 @@ class _TrainSettings(Settings):
     flip: bool = setting(True, "horizontal flips (turn off for digits, text)")
     affine: bool = setting(False, "small random affine jitter (rotation, shift, scale) instead of the padded "
                                   "random crop (digits: the 4-pixel crop shifts them too far)")
-    seed: int = setting(0, "seed of the initialisation, data order and augmentation")
+    seed: int = setting(0, "seed of the initialisation, data order and augmentation", shared=True)
     batch_size: int = setting(128, _TRAIN_BATCH_HELP, check=_AT_LEAST_1)
     cache_images: bool = setting(False, "keep decoded images in memory after the first epoch (data that fits "
                                         "in RAM, --workers 0)", runtime=True)
@@ -218,7 +122,7 @@ class TeacherSettings(_TrainSettings):
 def _check_model(name: str, model_kwargs: dict) -> None:
     """The model name known and its constructor kwargs (the preset's merged with --model-kwargs) consistent,
     before any work starts; build_model checks them again with the final input geometry."""
-    from .models import (  # lazy: models imports torch and timm
+    from ..models import (  # lazy: models imports torch and timm
         check_model_kwargs,
         resolve_model,
     )
@@ -231,11 +135,12 @@ class DistillSettings(_TrainSettings):
     epochs: int | None = setting(None, "epochs to train (or --steps)", check=_AT_LEAST_1)
     lr: float = setting(7.5e-4, "peak learning rate (AdamW)", check=_POSITIVE)
     weight_decay: float = setting(0.025, "AdamW weight decay", check=_NOT_NEGATIVE)
-    batch_size: int = setting(256, _TRAIN_BATCH_HELP, check=_AT_LEAST_1)
+    batch_size: int = setting(256, _TRAIN_BATCH_HELP, check=_AT_LEAST_1, shared=True)
     temperature: float = setting(4.0, "KD temperature", check=_POSITIVE)
     probe_weight: float = setting(0.8, "weight of the probe-distillation loss (0: off)", check=_NOT_NEGATIVE)
     probe_blocks: list[int] | None = setting(None, "teacher blocks (0-based) whose outputs are matched; student "
-                                                   "blocks mapped proportionally", check=_BLOCK)
+                                                   "blocks mapped proportionally", check=_BLOCK,
+                                            unique=True)
     probe_variant: str = setting("cosine", "CLS-to-patch similarity: cosine (channel axis) or reference (the "
                                            "reference code's token-axis normalisation)",
                                  choices=("cosine", "reference"))
@@ -314,7 +219,7 @@ class DaflSettings(Settings):
 class RunSettings(Settings):
     strategies: list[str] = setting(["attnprobe-rank"], "one student per selection strategy, compared in the report "
                                                    "(e.g. attnprobe dfnd random)",
-                                    choices=("attnprobe-rank", "attnprobe", "dfnd", "probe", "random"))
+                                    choices=("attnprobe-rank", "attnprobe", "dfnd", "probe", "random"), unique=True)
 
 
 @dataclass(kw_only=True)
@@ -335,7 +240,7 @@ class EvaluateSettings(Settings):
 class ExportSettings(Settings):
     format: str = setting(MISSING, "what to write: a timm folder, a transformers folder or an ONNX file",
                           choices=("timm", "transformers", "onnx"))
-    check: bool = setting(True, "load the export back with its own library and compare its logits")
+    check: bool = setting(True, "check: load the export back with its own library and compare its logits")
 
 
 @dataclass(kw_only=True)
@@ -382,52 +287,3 @@ class DemoSettings(Settings):
     seed: int = setting(0, "seed of the benchmark and the teacher; the students use this seed and the next ones")
     jobs: int | None = setting(None, "student trainings at once (default: one per CPU core, at most 8), each "
                                      "with its share of the cores", check=_AT_LEAST_1, runtime=True)
-
-
-def _base_type(annotation):
-    """(element type, is_list) of `int`, `float | None`, `list[int] | None`, ..."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args:
-        annotation = args[0]
-    if typing.get_origin(annotation) is list:
-        return typing.get_args(annotation)[0], True
-    return annotation, False
-
-
-def add_flags(parser: argparse.ArgumentParser, cls, *, skip=(), seen: set | None = None) -> None:
-    """One flag per field of `cls` (skipping `skip` and names already in `seen`), with its default and help."""
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if f.name in skip or (seen is not None and f.name in seen):
-            continue
-        if seen is not None:
-            seen.add(f.name)
-        meta, flag = f.metadata, flag_name(f)
-        required = f.default is MISSING and f.default_factory is MISSING
-        default = None if required else (f.default if f.default is not MISSING else f.default_factory())
-        kind, is_list = _base_type(hints[f.name])
-        if kind is bool:
-            if default:
-                parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=f"no {meta['help']}")
-            else:
-                parser.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
-        elif kind is dict:
-            parser.add_argument(flag, dest=f.name, nargs="*", default=None, metavar=meta.get("metavar") or "K=V",
-                                help=meta["help"])
-        else:
-            parser.add_argument(flag, dest=f.name, type=kind, nargs="+" if is_list else None, default=default,
-                                required=required, choices=meta.get("choices"), metavar=meta.get("metavar"),
-                                help=meta["help"])
-
-
-def from_args(cls, args: argparse.Namespace, **extra):
-    """The settings of `cls` from parsed flags (K=V lists parsed as model kwargs)."""
-    from .models import parse_model_kwargs
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for f in fields(cls):
-        if not hasattr(args, f.name):
-            continue
-        value = getattr(args, f.name)
-        values[f.name] = parse_model_kwargs(value) if _base_type(hints[f.name])[0] is dict else value
-    return cls.build(**{**values, **extra})
