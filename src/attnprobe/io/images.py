@@ -10,6 +10,7 @@ from PIL import Image
 from torchvision import transforms
 
 from ..errors import AttnprobeError
+from ..method.choices import RESIZE_MODES
 
 # Decode limits, checked on the size a file declares in its header, before anything is decoded. Pillow's
 # own guard looks only at the pixel count; a 1 x 100000 strip passes it, and the shorter-side resize then
@@ -108,7 +109,6 @@ def _normalize(info):
     return [transforms.ToTensor(), transforms.Normalize(info["mean"], info["std"])]
 
 
-RESIZE_MODES = ("crop", "stretch")
 
 
 def _geometry(size, resize: str) -> list:

@@ -20,7 +20,7 @@ def summary_path(selection) -> Path:
 def read_selection(selection, wild, *, teacher_sha256: str | None = None) -> tuple[list[str], dict, dict | None]:
     """(paths, summary, members): the selection's paths, its summary ({} when there is none) and, for a
     pool of tar shards, the members' index (tar_members.member_index; None for a folder). Every path must
-    lie inside the pool: in a folder, a relative path that stays under it after symlinks are followed; in
+    lie inside the pool: in a folder, a relative path without `..` (links inside the pool are members); in
     shards, a member of one of the shards --wild names. With `teacher_sha256`, a selection whose table
     records the teacher that scored it must have been scored by this teacher (no record: it passes)."""
     df, meta = read_table(selection)
@@ -49,14 +49,14 @@ def selected_paths(selection, wild, teacher_sha256: str | None = None) -> tuple[
 
 
 def check_folder_paths(paths: list[str], wild) -> None:
-    """Each path names a file under the folder `wild`: relative, without `..`, and inside it once symlinks
-    are resolved (a table may come from anywhere; distill must not read files outside the pool)."""
+    """Each path names a file under the folder `wild`: relative and without `..` (a table may come from anywhere;
+    distill must not read files outside the pool). A symlink inside the pool is a member, as `score` saw it: a
+    pool of links to images kept elsewhere is common, and score follows the links too."""
     folder = Path(wild)
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise AttnprobeError(f"wild folder {folder} {what}; pass the folder of images that was scored")
-    root = os.path.realpath(folder)
-    outside = [p for p in paths if _outside(p, folder, root)]
+    outside = [p for p in paths if escapes(p)]
     if outside:
         raise AttnprobeError(f"{len(outside)} selected paths point outside --wild {os.fspath(wild)} (e.g. {outside[0]}); "
                              "pass the selection scored from this --wild")
@@ -66,10 +66,7 @@ def check_folder_paths(paths: list[str], wild) -> None:
                              "pass the same --wild folder that was scored")
 
 
-def _outside(path: str, folder: Path, root: str) -> bool:
-    if os.path.isabs(path) or PurePosixPath(path.replace(os.sep, "/")).is_absolute():
-        return True
-    if ".." in PurePosixPath(path.replace(os.sep, "/")).parts:
-        return True
-    real = os.path.realpath(folder / path)
-    return os.path.commonpath([root, real]) != root
+def escapes(path: str) -> bool:
+    """A table's path that does not name something inside its pool's folder: absolute, or with a `..` part."""
+    posix = PurePosixPath(path.replace(os.sep, "/"))
+    return os.path.isabs(path) or posix.is_absolute() or ".." in posix.parts

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AttnprobeError
+from .choices import HEAD_REDUCTIONS
 
-HEAD_REDUCTIONS = ("first", "mean")
 
 
 def default_probe_blocks(depth: int) -> list[int]:

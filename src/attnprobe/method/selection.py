@@ -13,15 +13,14 @@ import numpy as np
 import pandas as pd
 
 from ..errors import AttnprobeError
+from .choices import NORMALIZATIONS, STRATEGIES
 from .losses import class_weights
 
-STRATEGIES = ("attnprobe-rank", "attnprobe", "dfnd", "probe", "random")
 # What `attnprobe select` does without --strategy: the paper's two criteria on one scale. Chosen on pools of our
 # own making (README: which selection to use; benchmarks/selection_study.py), where the paper's weights let a
 # miscalibrated teacher's confidence decide alone.
 DEFAULT_SELECTION = {"name": "attnprobe-rank", "settings": {"strategy": "attnprobe-rank"}}
 RANK_W_PROBE = 0.3  # attnprobe-rank's weight of the probe terms' rank; the outlier's rank weighs the rest
-NORMALIZATIONS = ("none", "rank", "zscore")
 
 
 def probe_columns(df: pd.DataFrame) -> list[str]:

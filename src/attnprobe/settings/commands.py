@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass
 
 from ..errors import AttnprobeError
+from ..method.choices import HEAD_REDUCTIONS, NORMALIZATIONS, PROBE_VARIANTS, RESIZE_MODES, SCHEDULES, STRATEGIES
 from .base import Settings, check_device, setting
 
 _POSITIVE = (lambda v: v > 0, "greater than 0")
@@ -34,7 +35,7 @@ def _progress():
 
 def _resize():
     return setting("crop", "wild images to the teacher's input: crop = shorter side, centre crop; stretch = the "
-                           "whole image to the square input (the reference)", choices=("crop", "stretch"),
+                           "whole image to the square input (the reference)", choices=RESIZE_MODES,
                    shared=True)
 
 
@@ -47,7 +48,7 @@ class ScoreSettings(Settings):
     blocks: list[int] | None = setting(None, "0-based blocks to probe (default: 1/3, 2/3 depth)",
                                        check=_BLOCK, unique=True)
     heads: str = setting("first", "head reduction of the probe: head 0 (the reference) or the mean",
-                         choices=("first", "mean"))
+                         choices=HEAD_REDUCTIONS)
     resize: str = _resize()
     amp: bool = setting(False, "bf16 autocast (GPU)")
     channels_last: bool = setting(False, "channels-last memory format (GPU)", runtime=True)
@@ -67,11 +68,11 @@ class SelectSettings(Settings):
                                               "rank in the pool (README: which selection to use); attnprobe: "
                                               "w_attn * sum of probes + w_out * outlier (the paper); dfnd: outlier "
                                               "alone; probe: probes alone; random",
-                            choices=("attnprobe-rank", "attnprobe", "dfnd", "probe", "random"))
+                            choices=STRATEGIES)
     w_attn: float = setting(0.05, "weight of the summed probe terms (attnprobe)")
     w_out: float = setting(0.9, "weight of the outlier term (attnprobe)")
     normalize: str = setting("none", "put the terms on one scale before weighting (none = the paper)",
-                             choices=("none", "rank", "zscore"))
+                             choices=NORMALIZATIONS)
     seed: int = setting(0, "seed of the random strategy", shared=True)
 
 
@@ -83,7 +84,7 @@ class _TrainSettings(Settings):
     lr: float = setting(1e-3, "peak learning rate (AdamW)", check=_POSITIVE)
     weight_decay: float = setting(0.05, "AdamW weight decay", check=_NOT_NEGATIVE)
     schedule: str = setting("cosine", "cosine to zero, or x0.1 at epochs 200 and 300 counted from 1 (the "
-                                      "reference)", choices=("cosine", "step"))
+                                      "reference)", choices=SCHEDULES)
     warmup_epochs: int = setting(0, "linear warmup epochs", check=_NOT_NEGATIVE)
     flip: bool = setting(True, "horizontal flips (turn off for digits, text)")
     affine: bool = setting(False, "small random affine jitter (rotation, shift, scale) instead of the padded "
@@ -143,7 +144,7 @@ class DistillSettings(_TrainSettings):
                                             unique=True)
     probe_variant: str = setting("cosine", "CLS-to-patch similarity: cosine (channel axis) or reference (the "
                                            "reference code's token-axis normalisation)",
-                                 choices=("cosine", "reference"))
+                                 choices=PROBE_VARIANTS)
     noise_adaptation: bool = setting(True, "DFND's noise adaptation")
     noise_weight: float = setting(1.0, "weight of the noise-adaptation loss", check=_NOT_NEGATIVE)
     noise_lr: float = setting(1e-3, "Adam learning rate of the noise-adaptation matrix", check=_POSITIVE)
@@ -219,7 +220,7 @@ class DaflSettings(Settings):
 class RunSettings(Settings):
     strategies: list[str] = setting(["attnprobe-rank"], "one student per selection strategy, compared in the report "
                                                    "(e.g. attnprobe dfnd random)",
-                                    choices=("attnprobe-rank", "attnprobe", "dfnd", "probe", "random"), unique=True)
+                                    choices=STRATEGIES, unique=True)
 
 
 @dataclass(kw_only=True)

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from ..errors import AttnprobeError
+from ..method.choices import SCHEDULES
 from ..io.atomic import remove_stale, write_text
 from ..io.checkpoints import save_checkpoint
 from ..io.datasets import collate_robust, make_loader
@@ -23,7 +24,6 @@ from .distributed import barrier, is_main, rank, world_size
 from .engine import evaluate
 from .resume import checkpoint_state
 
-SCHEDULES = ("cosine", "step")
 
 
 def pick_device(device: str | None = None) -> torch.device:
