@@ -103,7 +103,7 @@ def finished_run(image_root, teacher_ckpt, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("damaged", ["stages.json", "attnprobe-rank/evaluation.json", "config.json"])
+@pytest.mark.parametrize("damaged", ["stages.json", "config.json"])
 def test_run_and_report_refuse_a_damaged_side_file_in_one_line(image_root, teacher_ckpt, finished_run, tmp_path,
                                                               capsys, damaged):
     out = tmp_path / "run"
@@ -117,3 +117,20 @@ def test_run_and_report_refuse_a_damaged_side_file_in_one_line(image_root, teach
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(path) in err[0] and "damaged" in err[0], err
         assert files_and_mtimes(out) == before  # nothing rewritten, nothing cleared
+
+
+def test_a_damaged_evaluation_is_refused_by_report_and_redone_by_run(image_root, teacher_ckpt, finished_run,
+                                                                    tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    path = out / "attnprobe-rank/evaluation.json"
+    path.write_text(path.read_text()[:9])  # torn mid-write
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "damaged" in err[0], err
+    assert main(run_argv(image_root, teacher_ckpt, out, epochs=1)) == 0
+    err = capsys.readouterr().err
+    assert "evaluate:attnprobe-rank: evaluation.json is damaged, evaluating again" in err, err
+    assert "distill:attnprobe-rank: reused" in err
+    assert json.loads(path.read_text())["student"]["params"] > 0

@@ -11,7 +11,22 @@ from ..settings import (DaflSettings, DemoSettings, DistillSettings, EvaluateSet
     add_flags)
 from . import commands
 
-D = argparse.ArgumentDefaultsHelpFormatter
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help with its default, where the default says something: not beside an on/off flag (its name
+    says what giving it does), not None (the help says what happens instead), not when the help already names
+    its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.nargs == 0 or action.default in (None, argparse.SUPPRESS) or "default" in text:
+            return text
+        if isinstance(action.default, list):  # as it is typed: --strategies attnprobe dfnd
+            return f"{text} (default: {' '.join(map(str, action.default))})".replace("%", "%%")
+        return super()._get_help_string(action)
+
+
+D = Help
 WILD_HELP = ("folder of unlabeled images (recursive), or tar shards (img2dataset/WebDataset): "
              "'pool/{00000..00099}.tar', 'pool/*.tar' (quoted) or one .tar")
 RUN_HELP = "run folder: best.pt, last.pt, metrics.jsonl"
@@ -108,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, DemoSettings)
 
     p = sub.add_parser("report", formatter_class=D, help="rebuild report.html of a demo or `attnprobe run` folder")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the folder of a demo or of `attnprobe run` (its --out)")
     return parser
 
 

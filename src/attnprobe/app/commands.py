@@ -33,7 +33,9 @@ def execute(args) -> None:
                   f"(listed in {summary['skipped_csv']}) -> {out}")
     elif cmd == "select":
         summary = api.select(args.scores, out=out, settings=from_args(cfg.SelectSettings, args))
-        uids = f" (uids: {summary['uids_npy']})" if summary.get("uids_npy") else ""
+        left = (f"; {summary['uids_missing']} selected rows have no uid and are not in it"
+                if summary.get("uids_missing") else "")
+        uids = f" (uids: {summary['uids_npy']}{left})" if summary.get("uids_npy") else ""
         print(f"selected {summary['num_select']} of {summary['pool_size']} ({args.strategy}) -> {out}{uids}")
     elif cmd == "reshard":
         r = api.reshard(args.selection, args.wild, out=out, settings=from_args(cfg.ReshardSettings, args))
@@ -54,8 +56,9 @@ def execute(args) -> None:
         info = api.import_teacher(args.source, out=out, settings=from_args(cfg.ImportSettings, args))
         acc = "no accuracy (pass --teacher-acc to distill)" if info["accuracy"] is None else \
             f"accuracy {info['accuracy']:.4f} ({info['accuracy_source']})"
+        assumed = f"; assumed {'; '.join(info['assumed'])}" if info.get("assumed") else ""
         print(f"teacher: {info['source_kind']} -> {info['arch']}, {info['params']:,} parameters, "
-              f"{info['num_classes']} classes, {acc} -> {out}")
+              f"{info['num_classes']} classes, {acc} -> {out}{assumed}")
     elif cmd == "export":
         result = api.export(args.checkpoint, out=out, settings=from_args(cfg.ExportSettings, args))
         diff = "" if result["max_abs_diff"] is None else f", max |logit difference| {result['max_abs_diff']:.2e}"

@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 
 from .. import api
+from ..training.threads import cores as available_cores
 from ..errors import AttnprobeError
 from ..io.atomic import remove_stale, replacing_dir, write_json
 from ..io.checkpoints import load_checkpoint
 from ..io.jsonfiles import read_json
+from ..io.lock import hold
 from ..io.tables import read_table, write_table
 from ..method.selection import DEFAULT_SELECTION
 from ..settings import DemoSettings, EvaluateSettings, ScoreSettings, SelectSettings, TeacherSettings
@@ -160,17 +162,24 @@ def run_demo(*, out, settings: DemoSettings, progress: bool = False, quiet: bool
     `progress` shows the bars of every stage, `quiet` drops the stage lines."""
     if not isinstance(settings, DemoSettings):
         raise TypeError(f"settings= must be a DemoSettings, not {type(settings).__name__}")
-    quick, workers, seed = settings.quick, settings.workers, settings.seed
     check_demo_extra()
+    quick = settings.quick
+    cache = Path(settings.cache) if settings.cache else default_cache() / ("digits-quick" if quick else "digits")
+    # one demo per cache: another would rebuild or replace the benchmark and the teacher while this one reads them
+    with hold(cache / ".lock", f"attnprobe demo on the cache {cache}",
+              "wait for it to finish, or pass --cache DIR to use another cache"):
+        return _run_demo(Path(out), settings, cache, progress, quiet)
+
+
+def _run_demo(out: Path, settings: DemoSettings, cache: Path, progress: bool, quiet: bool) -> dict:
+    quick, workers, seed = settings.quick, settings.workers, settings.seed
     from ..io.folders import list_images
     from .demo_data import build_digits_benchmark, load_sources
     from .report import write_report
 
     cfg = RUNS["quick" if quick else "full"]
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = Path(settings.cache) if settings.cache else default_cache() / ("digits-quick" if quick else "digits")
-    cores = os.cpu_count() or 1
+    cores = available_cores()  # affinity and a container's CPU quota, not the host's count
     jobs = settings.jobs or min(cores, 8)
     seeds = [seed + k for k in range(cfg["seeds"])]
     rows = {**{n: ROWS[n] for n in ("labels", "kd-original", "dafl")},

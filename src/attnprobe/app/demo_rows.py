@@ -6,8 +6,9 @@ selection. Every row trains for the same number of optimizer steps (the referenc
 selection the same compute, its epochs being 320000*512/K), at the same batch size. A row's seed
 moves the student's initialisation, its data order and held-out split, and the random selection.
 
-The jobs are independent, so they run in `jobs` processes of `threads` torch threads each: on a small
-CPU two single-threaded trainings of these tiny models do more per second than one with two threads.
+The jobs are independent, so they run in `jobs` processes of at most `threads` torch threads each (fewer
+where other processes load the machine: training/threads.py): on a small CPU two single-threaded trainings
+of these tiny models do more per second than one with two threads.
 """
 from __future__ import annotations
 
@@ -43,12 +44,12 @@ def train_row(job: dict) -> dict:
     The test set is measured once, on the checkpoint the run chose (best.pt): it takes no part in training
     or choosing, and one measurement instead of one per epoch (48 of them for a selection of 1,500) saves
     time on a CPU."""
-    import torch
-
     from .. import api
     from ..settings import DaflSettings, DistillSettings, EvaluateSettings, TeacherSettings
+    from ..training.threads import share_cores, use_fair_threads
 
-    torch.set_num_threads(job["threads"])
+    share_cores(job["threads"])  # the demo's cores // jobs: training takes at most that (training/threads.py)
+    use_fair_threads()  # evaluate too
     name, seed, out = job["row"], job["seed"], Path(job["out"])
     run = out / f"student-{name}" / f"seed{seed}"
     common = dict(workers=job["workers"], device="cpu", seed=seed, progress=False, cache_images=job["workers"] == 0,

@@ -8,6 +8,7 @@ import math
 
 import pandas as pd
 
+from ..method.selection import used_settings
 from .figures import fig_attention
 from .report_run_figures import fig_classes, fig_curves, fig_ranking, fig_score_terms
 
@@ -151,7 +152,7 @@ def selection_sections(c: dict, scores, meta: dict) -> list:
     if done:
         classes = t["classes"] if t else meta.get("classes") or [str(i) for i in range(int(scores.pred.max()) + 1)]
         rows = [[esc(s["name"]), f"{len(s['selection']):,}",
-                 esc(", ".join(f"{k} {m[k]}" for k in ("w_attn", "w_out", "normalize", "seed") if k in m)),
+                 esc(", ".join(f"{k} {m[k]}" for k in used_settings(m.get("strategy", s["name"])) if k in m) or "—"),
                  f"{m['score_min']:.4g} … {m['score_max']:.4g}" if "score_min" in m else "—",
                  f"{s['selection'].pred.nunique()} of {len(classes)}"] for s, m in ((s, s["summary"]) for s in done)]
         out.append(("Selections", table(["strategy", "images", "settings", "score range", "classes predicted"], rows)

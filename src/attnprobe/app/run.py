@@ -1,9 +1,12 @@
 """`attnprobe run`: score -> select -> distill -> evaluate -> report, in one folder.
 
-Each stage has a key: a hash of its inputs (the teacher file, the pool's listing, the stage before) and
-of the settings that change its result. A stage whose key is unchanged and whose output is complete is
-reused; a changed key redoes that stage and those after it. A stage stopped half-way (Ctrl-C, kill -9,
-a lost machine) continues: scoring from its finished parts, distillation from its last.pt.
+Each stage has a key: a hash of its inputs by content (the teacher's bytes, the pool's content identity:
+each file's name, size and mtime_ns, the stage before) and of the settings that change its result. A stage
+whose key is unchanged and whose outputs verify (a readable table, best.pt, evaluation.json) is reused; a
+changed key, or outputs that do not verify, redo that stage (and a changed key those after it). A stage
+stopped half-way (Ctrl-C, kill -9, a lost machine) continues: scoring from its finished parts,
+distillation from its last.pt. Everything that can be checked before the first stage is (nothing is written
+on a refusal), and RUN/.lock keeps a second `run` out of the folder while one runs.
 
     RUN/config.json       every setting, by stage
     RUN/stages.json       per stage: key, status (started/done), seconds
@@ -26,7 +29,9 @@ from ..io.atomic import write_json, write_text
 from ..io.checkpoints import file_sha256, load_checkpoint
 from ..settings import DistillSettings, EvaluateSettings, RunSettings, ScoreSettings, SelectSettings
 from ..training import distributed
-from .run_files import CONFIG_FIX, check_side_files, read_evaluation, read_stages, run_json
+from ..io.lock import hold
+from .run_files import (CONFIG_FIX, check_run_out, checkpoint_problem, evaluation_problem, folder_identity,
+                        pool_identity, read_evaluation, read_stages, run_json, selection_problem, table_problem)
 
 
 def _key(*parts) -> str:
@@ -96,20 +101,15 @@ def _hms(seconds: float) -> str:
 def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_settings: ScoreSettings,
         select_settings: SelectSettings, distill_settings: DistillSettings) -> dict:
     """Run (or continue, or reuse) every stage into `out`; returns {strategy: evaluation} and the run folder."""
-    from ..io.folders import PathList
-    from ..io.shards import content_digest, is_shard_pool
-
     out = Path(out)
     teacher, wild = Path(teacher).resolve(), Path(wild).resolve()
     test = Path(test).resolve() if test else None
-    if not teacher.is_file():
-        raise AttnprobeError(f"--teacher {teacher} is not a file; pass a checkpoint (train-teacher or import-teacher)")
-    if out.exists() and not out.is_dir():
-        raise AttnprobeError(f"--out {out} is a file; pass a folder for the run")
+    _preflight(teacher, wild, out, test, select_settings.num_select, distill_settings)  # every check that can fail before a stage: no writes
     device = str(distributed.init_distributed(score_settings.device))  # this process's device, as a setting
+    lock = None
     try:
+        lock = _lock(out)
         stages = Stages(out)  # read (a damaged one refused) before anything is written
-        check_side_files(out, run_settings.strategies)
         if distributed.is_main():
             out.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
@@ -123,20 +123,29 @@ def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_setti
         plan = ["score"] + [f"{stage}:{s}" for s in run_settings.strategies
                             for stage in ("select", "distill", "evaluate")] + ["report"]
         bar = Progress(plan, stages, distributed.is_main())  # stage lines always; --no-progress drops the bars
-        pool = content_digest(wild) if is_shard_pool(wild) else PathList.from_dir(wild).digest()  # shards or folder
-        score_key = _key(file_sha256(teacher), str(wild), pool, score_settings.result_settings())
+        teacher_id = file_sha256(teacher)
+        # the score stage's key: the teacher's bytes, the pool's content identity (each file's name, size and
+        # mtime_ns), and the settings that change the table (not chunk_size: the table is the same)
+        scoring = {k: v for k, v in score_settings.result_settings().items() if k != "chunk_size"}
+        score_key = _key(teacher_id, str(wild), pool_identity(wild), scoring)
+        test_id = [str(test), folder_identity(test)]
         scores = out / "scores.parquet"
 
-        def stage(name, key, output: Path, work, *, clear=()):
-            """Reuse, continue or (re)do one stage; `clear` is removed when the key changed."""
-            if stages.done(name, key) and output.exists():
+        def stage(name, key, check, work, *, clear=(), kept=None, again="running again"):
+            """Reuse, continue or (re)do one stage. Reused only when its key is unchanged and `check()` finds its
+            outputs sound (None); otherwise `clear` is removed (a changed key, or outputs that do not verify) and
+            the stage is done again. `kept`: what a stopped stage left to continue from."""
+            problem = check() if stages.done(name, key) else None
+            if stages.done(name, key) and problem is None:
                 bar.line(name, "reused")
                 return
-            if not stages.started(name, key) and distributed.is_main():
+            fresh = problem is not None or not stages.started(name, key)
+            if fresh and distributed.is_main():
                 for p in clear:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             distributed.barrier()
-            bar.line(name, "continuing" if stages.started(name, key) else "running")
+            going_on = not fresh and kept is not None and kept.exists()
+            bar.line(name, f"{problem}, {again}" if problem else "continuing" if going_on else "running")
             stages.mark(name, key, "started", stages.seconds(name))
             t0 = time.time()
             work()
@@ -144,37 +153,97 @@ def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_setti
             bar.took[name] = round(time.time() - t0, 2)  # the estimate for the stages of its kind still to come
             stages.mark(name, key, "done", bar.took[name])
 
-        stage("score", score_key, scores,
+        stage("score", score_key, lambda: table_problem(scores, full=False),
               lambda: api.score(teacher, wild, scores, settings=score_settings, device=device),
-              clear=(scores, scores.with_name("scores.skipped.csv"), scores.with_name("scores.parquet.parts")))
+              clear=(scores, scores.with_name("scores.skipped.csv"), scores.with_name("scores.parquet.parts")),
+              kept=scores.with_name("scores.parquet.parts"), again="scoring again")
         results = {}
         for strategy in run_settings.strategies:
             folder = out / strategy
             sel_settings = SelectSettings.build(select_settings, strategy=strategy)
             select_key = _key(score_key, sel_settings.result_settings())
             selection = folder / "selection.parquet"
-            stage(f"select:{strategy}", select_key, selection,
+            stage(f"select:{strategy}", select_key, lambda: selection_problem(selection),
                   _on_main(api.select, scores, out=selection, settings=sel_settings),
-                  clear=(selection, selection.with_suffix(".json")))
-            distill_key = _key(select_key, str(test), distill_settings.result_settings())
+                  clear=(selection, selection.with_suffix(".json")), again="selecting again")
+            # --test chooses the epoch only with --select-on test; otherwise it is measured, and a new one
+            # redoes evaluate and the report alone
+            chooses = [test_id] if distill_settings.select_on == "test" else []
+            distill_key = _key(select_key, *chooses, distill_settings.result_settings())
             student = folder / "student"
             resume = student / "last.pt"
-            stage(f"distill:{strategy}", distill_key, student / "best.pt",
+            stage(f"distill:{strategy}", distill_key, lambda: checkpoint_problem(student / "best.pt"),
                   lambda: api.distill(teacher, wild, selection, out=student, test=test, settings=distill_settings,
-                                  device=device, resume=str(resume) if resume.is_file() else None,
-                                  overwrite=not resume.is_file()),  # a cleared or never-saved student folder
-                  clear=(student,))
+                                      device=device, resume=str(resume) if resume.is_file() else None,
+                                      overwrite=not resume.is_file()),  # a cleared or never-saved student folder
+                  clear=(student,), kept=resume, again="training again")
             evaluation = folder / "evaluation.json"
-            stage(f"evaluate:{strategy}", distill_key, evaluation,
+            stage(f"evaluate:{strategy}", _key(distill_key, test_id), lambda: evaluation_problem(evaluation),
                   lambda: _evaluate(teacher, student / "best.pt", test, evaluation, out / "teacher-evaluation.json",
-                                    distill_settings, device))
+                                    distill_settings, device, _key(teacher_id, test_id)),
+                  clear=(evaluation,), again="evaluating again")
             results[strategy] = read_evaluation(evaluation)
         report_key = _key([stages.by_name[n]["key"] for n in plan[:-1]])
-        stage("report", report_key, out / "report.html", _on_main(_report, out))
+        report = out / "report.html"
+        stage("report", report_key, lambda: None if report.is_file() and report.stat().st_size else "report.html is "
+              "missing", _on_main(_report, out), again="writing it again")
         distributed.barrier()
         return {"run": str(out), "strategies": results}
     finally:
+        if lock is not None:
+            lock.release(remove=True)  # the run's own lock file: the folder is left as the run made it
         distributed.cleanup()
+
+
+def _preflight(teacher: Path, wild: Path, out: Path, test: Path | None, num_select: int,
+               distill: DistillSettings) -> None:
+    """What can fail before the first stage fails before it, and writes nothing: the paths, `--out` (not inside
+    the pool, a run's folder or a new one), a student that cannot be distilled from this teacher (input, token
+    grid, --probe-blocks), --select-on test without --test, a --num-select above the images listed, and shards
+    that distill cannot read by offset (compressed)."""
+    from ..io.folders import PathList
+    from ..io.inputs import check_inputs
+    from ..io.shards import is_compressed, is_shard_pool, list_shards
+    from ..method.probe import check_blocks
+    from ..models import build_student, geometry
+    if not teacher.is_file():
+        raise AttnprobeError(f"--teacher {teacher} is not a file; pass a checkpoint (train-teacher or import-teacher)")
+    check_inputs({"--wild": (wild, "pool"), "--test": (test, "dir")})
+    if out.exists() and not out.is_dir():
+        raise AttnprobeError(f"--out {out} is a file; pass a folder for the run")
+    check_run_out(out, wild)
+    if distill.select_on == "test" and test is None:
+        raise AttnprobeError("--select-on test chooses the epoch on the test set and needs --test; "
+                             "without one, choose on fidelity")
+    if is_shard_pool(wild):
+        packed = next((s.path for s in list_shards(wild) if is_compressed(s.path)), None)
+        if packed is not None:
+            raise AttnprobeError(f"--wild {wild}: shard {packed} is compressed: distill reads the selected members "
+                                 "by offset, which a compressed shard does not allow; decompress the shards (gunzip "
+                                 "turns x.tar.gz into a plain x.tar) and pass the plain ones")
+    elif num_select > (listed := len(PathList.from_dir(wild))):  # the scored rows are at most the images listed
+        raise AttnprobeError(f"--num-select {num_select} is more than the {listed} images under --wild {wild}; "
+                             "pass a smaller --num-select")
+    net, info = load_checkpoint(teacher)
+    if distill.probe_weight > 0 and distill.probe_blocks:
+        check_blocks(distill.probe_blocks, geometry(net)["depth"], "--probe-blocks")
+    build_student(distill.student, distill.model_kwargs, teacher_info=info, teacher_model=net,
+                  probe_on=distill.probe_weight > 0)
+
+
+def _lock(out: Path):
+    """RUN/.lock, held by rank 0 for the run's whole life: a second `run` into the folder is refused at once;
+    a killed one frees it (a record lock). Every rank learns whether rank 0 got it."""
+    lock, refusal = None, None
+    if distributed.is_main():
+        try:
+            lock = hold(out / ".lock", f"`attnprobe run` into {out}", "wait for it to finish, or pass another --out")
+        except AttnprobeError as e:
+            refusal = e
+    if not distributed.all_gather_object(refusal is None)[0]:
+        raise refusal or AttnprobeError(f"another `attnprobe run` into {out} is running; wait for it to finish, "
+                                        "or pass another --out")
+    return lock
 
 
 def _on_main(fn, *args, **kwargs):
@@ -194,7 +263,7 @@ def _write_config(path: Path, config: dict) -> None:
 
 
 def _evaluate(teacher: Path, best: Path, test, out: Path, teacher_cache: Path, settings: DistillSettings,
-              device) -> None:
+              device, key: str) -> None:
     """evaluation.json: the student and the teacher side by side (cost, fidelity, test accuracy).
 
     Every process takes part in the test evaluations (sharded, counts summed); rank 0 alone times the
@@ -216,8 +285,10 @@ def _evaluate(teacher: Path, best: Path, test, out: Path, teacher_cache: Path, s
         return row
 
     student = measured(best, keep=("fidelity",))
-    key = _key(file_sha256(teacher), str(test))
-    cached = read_evaluation(teacher_cache, {})
+    try:
+        cached = read_evaluation(teacher_cache, {})
+    except AttnprobeError:  # a damaged cache is measured again
+        cached = {}
     if cached.get("key") != key:  # the teacher is measured once per run, not once per strategy
         cached = {"key": key, **measured(teacher)}
         if distributed.is_main():

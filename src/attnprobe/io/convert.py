@@ -75,6 +75,7 @@ def transformers_to_timm(config: dict, state: dict) -> tuple[str, dict, dict, di
         "mlp_ratio": int(config.get("intermediate_size", 4 * hidden)) / hidden,
         "qkv_bias": bool(config.get("qkv_bias", True)),
     }
+    _check_config_fits(config, kwargs, src)
     out = {}
     pairs = list(_STEM)
     if "embeddings.distillation_token" in src:
@@ -112,13 +113,47 @@ def transformers_to_timm(config: dict, state: dict) -> tuple[str, dict, dict, di
     return arch, kwargs, out, {"classes": classes, "layer_norm_eps": float(config.get("layer_norm_eps", HF_VIT_EPS))}
 
 
+def _check_config_fits(config: dict, kwargs: dict, src: dict) -> None:
+    """config.json against the shapes of its own weights: a config that disagrees with them is named as such."""
+    def shape(key):
+        return tuple(src[key].shape) if key in src else None
+    layers = {int(m.group(1)) for k in src for m in [re.match(r"encoder\.layer\.(\d+)\.", k)] if m}
+    hidden, p, c = kwargs["embed_dim"], kwargs["patch_size"], kwargs["in_chans"]
+    img = kwargs["img_size"]
+    h, w = (img, img) if isinstance(img, int) else tuple(img)
+    p_h, p_w = (p, p) if isinstance(p, int) else tuple(p)
+    pos, proj = shape("embeddings.position_embeddings"), shape("embeddings.patch_embeddings.projection.weight")
+    fc1 = shape("encoder.layer.0.intermediate.dense.weight")
+    prefix = 2 if "embeddings.distillation_token" in src else 1
+    checks = [("num_hidden_layers", kwargs["depth"], len(layers), "layers"),
+              ("hidden_size", hidden, shape("embeddings.cls_token") and shape("embeddings.cls_token")[-1],
+               "channels in embeddings.cls_token"),
+              ("num_channels", c, proj and proj[1], "input channels of the patch projection"),
+              ("patch_size", [p_h, p_w], proj and list(proj[2:]), "as the patch projection's kernel"),
+              ("image_size", (h // p_h) * (w // p_w) + prefix, pos and pos[1],
+               "position embeddings (patches + prefix tokens)"),
+              ("intermediate_size", round(kwargs["mlp_ratio"] * hidden), fc1 and fc1[0], "MLP units in layer 0")]
+    for name, says, weights, what in checks:
+        if weights and says != weights:
+            raise AttnprobeError(f"config.json disagrees with its weights: {name} is {config.get(name)}, which needs "
+                                 f"{says} {what}, but the weights have {weights}; re-save the model with "
+                                 "save_pretrained, or correct config.json")
+
+
 def _id2label_classes(config: dict, num_classes: int) -> list[str] | None:
-    """Class names from id2label, unless they are transformers' placeholders (LABEL_0, ...)."""
-    id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
-    if sorted(id2label) != list(range(num_classes)):
+    """Class names from id2label, unless they are transformers' placeholders (LABEL_0, ...). Names of
+    another count than the head are returned as they are: the caller refuses them."""
+    try:
+        id2label = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    except (TypeError, ValueError, AttributeError):
+        raise AttnprobeError("config.json's id2label is not a map of class indices to names; correct it, or "
+                             "delete it and pass --classes") from None
+    if not id2label or all(n == f"LABEL_{i}" for i, n in id2label.items()):
         return None
-    names = [id2label[i] for i in range(num_classes)]
-    return None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
+    if sorted(id2label) != list(range(len(id2label))):
+        raise AttnprobeError(f"config.json's id2label has indices {sorted(id2label)[:6]}, not 0..{len(id2label) - 1}; "
+                             "correct it, or delete it and pass --classes")
+    return [id2label[i] for i in range(len(id2label))]
 
 
 def timm_to_transformers(model: nn.Module, info: dict) -> tuple[dict, dict]:

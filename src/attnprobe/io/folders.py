@@ -2,6 +2,7 @@
 in one compact PathList) and the class folders of labeled data."""
 from __future__ import annotations
 
+import hashlib
 import os
 from array import array
 from collections.abc import Iterator
@@ -147,6 +148,34 @@ class PathList:
         h = hashlib.sha256(self._offsets.tobytes())
         h.update(self._buf.tobytes())
         return h.hexdigest()
+
+
+def stat_identity(entries) -> str:
+    """The content identity of a set of files: sha256 over each entry's (name, size, mtime_ns), in order.
+    A file rewritten in place, even to the same size and under the same name, gets a new mtime_ns and so a
+    new identity; a file that cannot be stat'ed counts as (name, -1, -1). The one rule for "did these files
+    change": `attnprobe run`'s stage keys and `score`'s finished parts both use it."""
+    h = hashlib.sha256()
+    for name, size, mtime_ns in entries:
+        h.update(f"{name}\t{size}\t{mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def file_stats(root, rels) -> Iterator[tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of each file `rels` names under `root`; (rel, -1, -1) when it is gone."""
+    root = os.fspath(root)
+    for rel in rels:
+        try:
+            st = os.stat(os.path.join(root, rel))
+        except OSError:
+            yield rel, -1, -1
+        else:
+            yield rel, st.st_size, st.st_mtime_ns
+
+
+def files_identity(root, rels) -> str:
+    """`stat_identity` of the files `rels` (relative paths, e.g. a PathList or a slice of it) under `root`."""
+    return stat_identity(file_stats(root, rels))
 
 
 def split_dir(root, split: str) -> Path:

@@ -109,24 +109,44 @@ def _normalize(info):
     return [transforms.ToTensor(), transforms.Normalize(info["mean"], info["std"])]
 
 
+class CoverResize:
+    """Resize so that the image covers H x W with its aspect ratio kept (scale = max(H/h, W/w)); a centre
+    crop of H x W follows. For a square size this is torchvision's shorter-side Resize(size)."""
+
+    def __init__(self, size):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        H, W = self.size
+        w, h = img.size
+        scale = max(H / h, W / w)
+        new = [max(H, round(h * scale)), max(W, round(w * scale))]
+        return transforms.functional.resize(img, new, antialias=True)
+
+    def __repr__(self) -> str:
+        return f"CoverResize(size={self.size})"
 
 
 def _geometry(size, resize: str) -> list:
-    """The steps that bring any image to the model's input size.
+    """The steps that bring any image to the model's input size (an int, or (H, W)).
 
-    `crop`: resize the shorter side to the input size, then centre crop (the aspect ratio is kept, the
-    ends of the longer side are lost). `stretch`: resize the whole image to the input size (the whole
-    picture is kept, its aspect ratio is not), as the reference code does with every wild image."""
+    `crop`: resize so the image covers the input size with its aspect ratio kept (for a square input: the
+    shorter side to the size), then centre crop (the ends of the longer side are lost). `stretch`: resize
+    the whole image to the input size (the whole picture is kept, its aspect ratio is not), as the
+    reference code does with every wild image."""
     if resize == "crop":
-        return [transforms.Resize(size), transforms.CenterCrop(size)]
+        if isinstance(size, int):
+            return [transforms.Resize(size), transforms.CenterCrop(size)]
+        return [CoverResize(size), transforms.CenterCrop(size)]
     if resize == "stretch":
         return [transforms.Resize((size, size) if isinstance(size, int) else size)]
     raise AttnprobeError(f"--resize {resize!r} is not one of {RESIZE_MODES}")
 
 
 def eval_transform(info: dict, *, resize: str = "crop"):
-    """Bring the image to the model's input size (`resize`: `crop` = shorter side then centre crop,
-    `stretch` = the whole image to the square input), normalise with the teacher's stats."""
+    """Bring the image to the model's input size (`resize`: `crop` = cover the input with the aspect ratio
+    kept, then centre crop; `stretch` = the whole image to the input size), normalise with the teacher's
+    stats."""
     return transforms.Compose([*_geometry(_size(info), resize), *_normalize(info)])
 
 

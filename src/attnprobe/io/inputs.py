@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from ..errors import AttnprobeError
+from .outputs import check_path_type
 
 KINDS = ("checkpoint", "table", "file", "dir", "archive", "pool", "source")
 
@@ -29,8 +30,7 @@ def check_inputs(inputs: dict) -> None:
     for flag, (path, kind) in inputs.items():  # types first: a programming error outranks a missing file
         if kind not in KINDS:
             raise ValueError(f"unknown input kind {kind!r} of {flag}; one of {', '.join(KINDS)}")
-        if path is not None and not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"{flag} takes a path (text or os.PathLike), not a {type(path).__name__}: {path!r}")
+        check_path_type(flag, path)
     for flag, (path, kind) in inputs.items():
         if path is not None:
             _check_one(flag, os.fspath(path), kind)

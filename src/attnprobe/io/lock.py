@@ -30,16 +30,28 @@ class FileLock:
         except ImportError:  # no record locks (Windows): no guard
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # EACCES or EAGAIN: held by another process
-            os.close(fd)
-            return False
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # EACCES or EAGAIN: held by another process
+                os.close(fd)
+                return False
+            if self._still_named(fd):
+                break
+            os.close(fd)  # its holder removed the file as we opened it: lock the new one instead
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
         return True
+
+    def _still_named(self, fd: int) -> bool:
+        """Whether the file we locked is still the one at `path` (a holder releasing with remove=True unlinks
+        it; a lock on the unlinked file would guard nothing)."""
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
 
     def holder(self) -> str:
         """`pid N` of the process that wrote the lock file last (for messages), or ''."""

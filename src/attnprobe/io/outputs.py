@@ -48,6 +48,12 @@ def _same(a, b) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def check_path_type(flag: str, path) -> None:
+    """A path given at the Python API is text or os.PathLike (or None): anything else is a TypeError naming it."""
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{flag} takes a path (text or os.PathLike), not a {type(path).__name__}: {path!r}")
+
+
 def check_out(path, *, flag: str = "--out", kind: str = "file", suffix: str | None = None,
               writes=(), inputs: dict | None = None, example: str = "out") -> Path:
     """Check an output path before any work starts; return it as a Path. One AttnprobeError line otherwise.
@@ -56,6 +62,7 @@ def check_out(path, *, flag: str = "--out", kind: str = "file", suffix: str | No
     or folder that the command itself refuses to replace, e.g. export). suffix: the file's required suffix.
     writes: the other paths the command writes (sidecars; for a folder, the files in it). inputs: the
     command's inputs as {flag: path}; an output that is one of them is refused."""
+    check_path_type(flag, path)
     text = os.fspath(path) if path is not None else ""
     if not text.strip():
         raise AttnprobeError(f"{flag} is empty; name the {'folder' if kind == 'dir' else 'file'} to write, "

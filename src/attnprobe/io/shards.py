@@ -5,13 +5,17 @@ A pool is `00000.tar` ... `NNNNN.tar`; each sample is KEY.jpg + KEY.txt + KEY.js
 pattern (`pool/{00000..01023}.tar`, expanded here), a glob (`pool/*.tar`) or one file.
 
 - Listing: `list_shards` (the shards in pattern order, each with its size and its stats' sample count);
-  `deal_shards` hands unfinished shards to torchrun ranks, balanced by those counts.
+  `deal_shards` hands unfinished shards to torchrun ranks, balanced by those counts. A pattern matching tars
+  and images together is refused; an existing file is taken literally (`a[1].tar` is that file).
 - Streaming: `TarSamples` reads one shard's members in order with tarfile's `r|*` (plain, gzip, bz2, xz),
   grouped into samples by key, nothing extracted to disk; it records why a shard ended early
-  (`truncated`, as an interrupted download leaves it) instead of raising.
+  (`truncated`, as an interrupted download leaves it) instead of raising. A repeated member name or sample
+  key is read once, the first, and noted as the shard's problem (score lists it among the skipped).
 - Random access: `MemberLoader` reads a selected member by the byte offset the score table recorded
-  (os.pread: no shared file position, so DataLoader workers may share it). Offsets of a compressed shard
-  are offsets in its uncompressed stream: such a shard cannot be read by offset (reshard it to plain tar).
+  (os.pread: no shared file position, so DataLoader workers may share it), checking that the tar header just
+  before it is that member's (a shard rewritten since it was scored is refused, not misread). Offsets of a
+  compressed shard are offsets in its uncompressed stream: such a shard cannot be read by offset (reshard it
+  to plain tar).
 - DataComp's selection format: `write_uids`, a sorted `uids.npy` of (u8, u8) halves of each 32-hex uid.
 """
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from ..errors import AttnprobeError
 from .atomic import replacing
+from .folders import is_image_file
 from .jsonfiles import read_json
 from .outputs import uids_path
 
@@ -117,10 +122,12 @@ def list_shards(wild) -> list[Shard]:
     if "://" in text or text.startswith("pipe:"):
         raise AttnprobeError(f"--wild {text}: attnprobe reads local shards only; copy or mount them here and pass "
                              "their local path")
-    paths, missing = [], []
-    for item in expand_braces(text):
-        if glob.has_magic(item):
-            paths += sorted(glob.glob(item))
+    paths, missing, images = [], [], []
+    for item in ([text] if os.path.isfile(text) else expand_braces(text)):  # an existing file is taken literally
+        if glob.has_magic(item) and not os.path.isfile(item):  # `a[1].tar` that exists is that file
+            matches = sorted(glob.glob(item))
+            paths += matches
+            images += [m for m in matches if is_image_file(m) and os.path.isfile(m)]
         elif os.path.isfile(item):
             paths.append(item)
         else:
@@ -130,6 +137,12 @@ def list_shards(wild) -> list[Shard]:
                              f"pattern, or name the shards that are there with a glob ('{os.path.dirname(text) or '.'}"
                              "/*.tar')")
     paths = [p for p in dict.fromkeys(paths) if p.lower().endswith(SHARD_SUFFIXES) and os.path.isfile(p)]
+    if images:
+        folder = os.path.dirname(images[0]) or "."
+        what = f"{len(paths)} .tar shard(s) and {len(images)} image(s)" if paths else f"{len(images)} image(s)"
+        fix = (f"pass the shards alone (--wild '{folder}/*.tar') or a folder of images (--wild {folder}), not both"
+               if paths else f"pass their folder (--wild {folder}); a pattern names tar shards")
+        raise AttnprobeError(f"--wild {text} matches {what}, e.g. {images[0]}; {fix}")
     if not paths:
         raise AttnprobeError(f"--wild {text} matches no .tar shard; check the folder and the pattern")
     shards, stems = [], {}
@@ -148,12 +161,6 @@ def listing_digest(shards: list[Shard]) -> str:
     """sha256 of the shards' names in order: identifies the pool's listing (a changed file is caught by the
     marker of its part, not here)."""
     return hashlib.sha256("\n".join(s.stem for s in shards).encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def content_digest(wild) -> str:
-    """sha256 of the shards' names and sizes: what `attnprobe run` keys its score stage on."""
-    lines = "\n".join(f"{s.stem}\t{s.bytes}" for s in list_shards(wild))
-    return hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def is_compressed(path) -> bool:
@@ -208,11 +215,15 @@ def write_uids(uids, path) -> int | None:
     return len(array)
 
 
-def write_selection_uids(selected, out) -> str | None:
+def write_selection_uids(selected, out) -> dict:
     """Beside selection `out`: `<stem>.uids.npy` (DataComp's subset file) when the selected rows have DataComp
-    uids; the file's path, or None (and no such file left from an earlier selection)."""
+    uids. Returns {"uids_npy": the file's path or None (and no such file left from an earlier selection),
+    "uids_missing": how many selected rows have no uid and so are not in the file (None without a file)}."""
     path = uids_path(out)
     if "uid" not in selected.columns:
         path.unlink(missing_ok=True)
-        return None
-    return os.path.abspath(path) if write_uids(selected["uid"], path) else None
+        return {"uids_npy": None, "uids_missing": None}
+    if not write_uids(selected["uid"], path):
+        return {"uids_npy": None, "uids_missing": None}
+    missing = int(sum(u is None or (isinstance(u, float) and u != u) for u in selected["uid"]))
+    return {"uids_npy": os.path.abspath(path), "uids_missing": missing}

@@ -17,10 +17,12 @@ import argparse
 import pickle
 import re
 import struct
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import AttnprobeError
 from .convert import transformers_to_timm
@@ -49,6 +51,11 @@ class Source:
     mean: list[float] | None = None
     std: list[float] | None = None
     layer_norm_eps: float | None = None
+    # Where the file records each value it states ({'mean': 'config.json pretrained_cfg.mean', ...}), for
+    # a refusal to name; and the normalisation of the program that wrote the file, where the file records
+    # none: (mean, std, 'who says so'), or None for timm's default for the architecture.
+    records: dict = field(default_factory=dict)
+    convention: tuple | None = None
 
 
 def read_source(source, *, ema: bool = False) -> Source:
@@ -56,6 +63,8 @@ def read_source(source, *, ema: bool = False) -> Source:
     text = str(source)
     if text.startswith("hf-hub:"):
         return _read_folder(hub_folder(text[len("hf-hub:"):]), ema)
+    if not text:
+        raise AttnprobeError("the teacher source is empty; pass a checkpoint file, a model folder or hf-hub:ORG/NAME")
     path = Path(source)
     if path.is_dir():
         return _read_folder(path, ema)
@@ -79,6 +88,14 @@ def read_source(source, *, ema: bool = False) -> Source:
 
 def hub_folder(repo_id: str) -> Path:
     """The local snapshot of a Hugging Face Hub repository. Never downloads: this tool runs offline."""
+    if "@" in repo_id:
+        name = repo_id.split("@", 1)[0] or "ORG/NAME"
+        raise AttnprobeError(f"hf-hub:{repo_id}: a revision is not supported from the local cache (attnprobe reads "
+                             f"the cached main snapshot); pass hf-hub:{name}, or the snapshot folder itself "
+                             "(HF_HUB_CACHE/models--ORG--NAME/snapshots/REVISION)")
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id):
+        raise AttnprobeError(f"hf-hub:{repo_id} is not a Hub model name; pass hf-hub:ORG/NAME (e.g. "
+                             "hf-hub:google/vit-base-patch16-224) or the model folder")
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
@@ -99,11 +116,23 @@ def load_torch(path) -> dict:
         raise AttnprobeError(f"{path} holds Python objects beyond tensors and argparse.Namespace{what}; refusing "
                              "to unpickle code. Save the teacher's state_dict() and import that") from None
     except Exception as e:  # zip, EOF and storage errors all mean a damaged or foreign file
+        if _foreign_zip(path):
+            raise AttnprobeError(f"{path} is a zip archive but not a PyTorch checkpoint (it holds no data.pkl); "
+                                 "pass the teacher's checkpoint, not an archive of it") from None
         raise AttnprobeError(f"{path} cannot be read as a PyTorch checkpoint ({type(e).__name__}); it may be "
                              "truncated: copy it again") from None
     if not isinstance(obj, dict):
         raise AttnprobeError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
     return obj
+
+
+def _foreign_zip(path) -> bool:
+    """A complete zip archive without torch.save's data.pkl (a damaged torch zip is not readable as a zip)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return not any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _is_safetensors(head: bytes) -> bool:
@@ -144,22 +173,17 @@ def _from_torch_dict(ckpt: dict, path, ema: bool) -> Source:
     if ckpt.get("format") == "attnprobe-checkpoint":
         raise AttnprobeError(f"{path} is already an attnprobe checkpoint; pass it as --teacher directly")
     if "state_dict" in ckpt and ("arch" in ckpt or "args" in ckpt):  # timm train.py
-        args = vars(ckpt.get("args") or argparse.Namespace())
-        kwargs = dict(args.get("model_kwargs") or {})
-        if args.get("img_size"):
-            kwargs["img_size"] = args["img_size"]
-        if args.get("in_chans"):
-            kwargs["in_chans"] = args["in_chans"]
-        return Source(state=_pick_weights(ckpt, "state_dict", "state_dict_ema", ema, path),
-                      kind="timm training checkpoint", arch=ckpt.get("arch") or args.get("model"),
-                      model_kwargs=kwargs, mean=_floats(args.get("mean")), std=_floats(args.get("std")))
+        return _from_timm_train(ckpt, path, ema)
     if "model" in ckpt and isinstance(ckpt["model"], dict):  # DeiT / the reference
         args = vars(ckpt.get("args") or argparse.Namespace())
         arch, kwargs = REFERENCE_ALIASES.get(args.get("model"), (args.get("model"), {}))
+        records = {k: f"args.model {args.get('model')}" for k in kwargs}
         if isinstance(args.get("input_size"), int):
-            kwargs = {**kwargs, "img_size": args["input_size"]}
+            kwargs, records["img_size"] = {**kwargs, "img_size": args["input_size"]}, "args.input_size"
         return Source(state=_pick_weights(ckpt, "model", "model_ema", ema, path), kind="DeiT-style checkpoint",
-                      arch=arch, model_kwargs=kwargs)
+                      arch=arch, model_kwargs=kwargs, records=records,
+                      convention=(list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD),
+                                  "ImageNet's, as DeiT's main.py always normalises"))
     for key in ("state_dict", "model_state_dict", "model_state"):  # generic wrappers
         if _is_state_dict(ckpt.get(key)):
             return Source(state=_strip_prefixes(ckpt[key]), kind=f"checkpoint ({key})")
@@ -169,6 +193,29 @@ def _from_torch_dict(ckpt: dict, path, ema: bool) -> Source:
         return Source(state=_strip_prefixes(ckpt), kind="state dict")
     raise AttnprobeError(f"{path} is a dict of {sorted(ckpt)[:6]}, none of them model weights; pass a DeiT, "
                          "timm or bare state-dict checkpoint")
+
+
+def _from_timm_train(ckpt: dict, path, ema: bool) -> Source:
+    """timm train.py: the model is create_model(model, in_chans=..., **model_kwargs); in_chans is args.in_chans,
+    else args.input_size[0] (C, H, W); the data's size is args.img_size, else args.input_size[1:]."""
+    args = vars(ckpt.get("args") or argparse.Namespace())
+    kwargs, records = dict(args.get("model_kwargs") or {}), {}
+    records.update({k: "args.model_kwargs" for k in kwargs})
+    size = args.get("input_size")
+    size = list(size) if isinstance(size, (list, tuple)) and len(size) == 3 else None
+    found = {"img_size": (args.get("img_size"), "args.img_size"), "in_chans": (args.get("in_chans"), "args.in_chans")}
+    if size is not None:
+        hw = size[1] if size[1] == size[2] else size[1:]
+        found = {"img_size": found["img_size"] if found["img_size"][0] else (hw, "args.input_size"),
+                 "in_chans": found["in_chans"] if found["in_chans"][0] else (size[0], "args.input_size")}
+    for key, (value, where) in found.items():
+        if value and key not in kwargs:
+            kwargs[key], records[key] = value, where
+    mean, std = _floats(args.get("mean")), _floats(args.get("std"))
+    records.update({"mean": "args.mean"} if mean else {}, **({"std": "args.std"} if std else {}))
+    return Source(state=_pick_weights(ckpt, "state_dict", "state_dict_ema", ema, path),
+                  kind="timm training checkpoint", arch=ckpt.get("arch") or args.get("model"),
+                  model_kwargs=kwargs, mean=mean, std=std, records=records)
 
 
 def _floats(values) -> list[float] | None:
@@ -207,15 +254,25 @@ def _read_folder(folder: Path, ema: bool) -> Source:
             labels = [labels[k] for k in sorted(labels, key=int)]
         # The head's shape gives the class count; timm 1.0 folders repeat num_classes in model_args.
         kwargs = {k: v for k, v in (config.get("model_args") or {}).items() if k != "num_classes"}
+        mean, std = _floats(cfg.get("mean")), _floats(cfg.get("std"))
+        records = {**{k: "config.json model_args" for k in kwargs},
+                   **({"classes": "config.json label_names"} if labels else {}),
+                   **({"mean": "config.json pretrained_cfg.mean"} if mean else {}),
+                   **({"std": "config.json pretrained_cfg.std"} if std else {})}
         return Source(state=_strip_prefixes(state), kind="timm folder", arch=config["architecture"],
-                      model_kwargs=kwargs, classes=labels,
-                      mean=_floats(cfg.get("mean")), std=_floats(cfg.get("std")))
+                      model_kwargs=kwargs, classes=labels, mean=mean, std=std, records=records)
     if "model_type" in config:  # transformers save_pretrained
         arch, kwargs, timm_state, extras = transformers_to_timm(config, state)
         pre = folder / "preprocessor_config.json"
         pre = read_json(pre, what="the image processor's config", fix="re-save the model folder, or delete the "
                         "file and pass --mean and --std", missing={})
+        mean, std = _floats(pre.get("image_mean")), _floats(pre.get("image_std"))
+        records = {**{k: "config.json" for k in kwargs}, **({"classes": "config.json id2label"}
+                                                            if extras["classes"] else {}),
+                   **({"mean": "preprocessor_config.json image_mean"} if mean else {}),
+                   **({"std": "preprocessor_config.json image_std"} if std else {})}
         return Source(state=timm_state, kind=f"transformers {config['model_type']} folder", arch=arch,
-                      model_kwargs=kwargs, classes=extras["classes"], mean=_floats(pre.get("image_mean")),
-                      std=_floats(pre.get("image_std")), layer_norm_eps=extras["layer_norm_eps"])
+                      model_kwargs=kwargs, classes=extras["classes"], mean=mean, std=std,
+                      layer_norm_eps=extras["layer_norm_eps"], records=records,
+                      convention=([0.5] * 3, [0.5] * 3, "the default of transformers' ViT/DeiT image processors"))
     raise AttnprobeError(f"{config_file} names neither a timm architecture nor a transformers model_type")

@@ -62,15 +62,21 @@ class TarSamples:
 
     `wanted(key)`: when given, only samples it accepts are read and yielded; `keep(member name)`: when given,
     only the members it accepts are read (scoring needs the images and the .json, not the captions).
+    A member is named by its name: a member whose name, or whose sample key (in an earlier group of members:
+    `a.jpg b.jpg a.txt`), was met before in the shard is left out and listed in `repeats`, so every reader
+    (score, reshard) sees one member per row path and one sample per key, the first.
     The shard is never the reason an iteration raises: after it, `problem` is None, `truncated` (the file
     ends inside a member or a header, or lacks the end-of-archive block, as an interrupted download leaves
-    it; the complete members before were yielded) or why the file could not be read at all."""
+    it; the complete members before were yielded), why the file could not be read at all, or (also after
+    either, joined by '; ') the `repeats_note` of the members left out."""
 
     def __init__(self, path, wanted=None, keep=None):
         self.path, self.wanted, self.keep, self.problem = os.fspath(path), wanted, keep, None
+        self.repeats: list[str] = []
 
     def __iter__(self):
-        self.problem, sample = None, None
+        self.problem, self.repeats, sample = None, [], None
+        seen_keys, seen_names = set(), set()
         try:
             with open(self.path, "rb") as f:
                 compressed = f.read(6).startswith(COMPRESSED_MAGIC)
@@ -81,9 +87,15 @@ class TarSamples:
                             continue
                         key = sample_key(info.name)
                         if sample is None or sample.key != key:
-                            if sample is not None and sample.members:
-                                yield sample
+                            if sample is not None:
+                                seen_keys.add(sample.key)
+                                if sample.members:
+                                    yield sample
                             sample = Sample(key, [])
+                        if key in seen_keys or info.name in seen_names:  # a member's identity is its name
+                            self.repeats.append(info.name)
+                            continue
+                        seen_names.add(info.name)
                         wanted = self.wanted is None or self.wanted(key)
                         if wanted and (self.keep is None or self.keep(info.name)):
                             data = tar.extractfile(info).read()
@@ -100,6 +112,17 @@ class TarSamples:
             self.problem = "truncated" if cut else failure_reason(e)
             if sample is not None and sample.members:  # its members read whole before the cut
                 yield sample
+        if self.repeats:
+            note = repeats_note(self.repeats)
+            self.problem = note if self.problem is None else f"{self.problem}; {note}"
+
+
+def repeats_note(repeats: list[str]) -> str:
+    """Why a shard's repeated members were left out (TarSamples reads the first of each name and key)."""
+    first = repeats[0]
+    return (f"repeated members: {len(repeats)} member(s) repeat a name or a sample key met earlier in the shard "
+            f"(first: {first}, sample key {sample_key(first)}); only the first of each was read, the later ones "
+            "left out; write the shard with unique sample keys")
 
 
 def _compressed_stream_whole(tar: tarfile.TarFile) -> bool:
@@ -158,7 +181,44 @@ def member_index(df, wild, selection="the selection") -> dict[str, tuple[str, in
     if short:
         raise AttnprobeError(f"{len(short)} rows of {selection} lie past the end of their shard (e.g. {short[0]}): the "
                              "shard changed since it was scored; rescore it")
+    by_shard: dict[str, list[str]] = {}
+    for p in index:
+        by_shard.setdefault(index[p][0], []).append(p)
+    for file, paths in by_shard.items():  # a few rows of each shard, spread over it: the rest at reading
+        picks = sorted({paths[round(k * (len(paths) - 1) / max(1, CHECKED_ROWS - 1))] for k in range(CHECKED_ROWS)})
+        with open(file, "rb") as f:
+            moved = [p for p in picks if not member_here(f.fileno(), p, *index[p][1:])]
+        if moved:
+            raise AttnprobeError(f"row {moved[0]} of {selection} is not where shard {file} now holds it (offset "
+                                 f"{index[moved[0]][1]}): the shard was rewritten since it was scored; rescore it and "
+                                 "select again")
     return index
+
+
+CHECKED_ROWS = 16  # rows per shard whose member header member_index reads before training
+
+
+def member_here(fd: int, path: str, offset: int, size: int, head: bytes | None = None) -> bool:
+    """Whether the tar header block just before `offset` in the open shard `fd` is that of the member `path`
+    (`<stem>/<member name>`) of `size` bytes: a row's recorded offset still names its member. `head`: those
+    512 bytes, when already read."""
+    if offset < tarfile.BLOCKSIZE:
+        return False
+    head = os.pread(fd, tarfile.BLOCKSIZE, offset - tarfile.BLOCKSIZE) if head is None else head
+    try:
+        info = tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return info.size == size and _names_agree(info.name, path.split("/", 1)[1])
+
+
+def _names_agree(header: str, name: str) -> bool:
+    """A member's name as its own header block holds it: whole, or cut short (a longer name lives in the PAX or
+    GNU header before it), with '?' for each non-ASCII letter (PAX)."""
+    if header == name or (header and name.encode("utf-8", "surrogateescape").startswith(
+            header.encode("utf-8", "surrogateescape"))):
+        return True
+    return 0 < len(header) <= len(name) and all(h in (n, "?") for h, n in zip(header, name))
 
 
 class MemberLoader(ImageLoader):
@@ -183,10 +243,14 @@ class MemberLoader(ImageLoader):
             while len(self._fds) >= MAX_OPEN_SHARDS:
                 os.close(self._fds.popitem(last=False)[1])
         self._fds[file] = fd  # most recently used last
-        data = os.pread(fd, size, offset)
-        if len(data) != size:
-            raise OSError(f"{file} ends before member {path}: the shard changed since it was scored")
-        return data
+        data = os.pread(fd, size + tarfile.BLOCKSIZE, offset - tarfile.BLOCKSIZE) if offset >= tarfile.BLOCKSIZE \
+            else b""
+        if len(data) != size + tarfile.BLOCKSIZE:
+            raise OSError(f"{file} ends before member {path}: the shard changed since it was scored; rescore it")
+        if not member_here(fd, path, offset, size, data[:tarfile.BLOCKSIZE]):  # its header, read in the same call
+            raise OSError(f"{file} holds another member at {path}'s offset {offset}: the shard was rewritten since "
+                          "it was scored; rescore it")
+        return data[tarfile.BLOCKSIZE:]
 
     def __call__(self, path):
         if self.cache is not None and path in self.cache:

@@ -71,10 +71,23 @@ def strategy_scores(df: pd.DataFrame, strategy: str, w_attn: float = 0.05, w_out
     return w_attn * probe_sum + w_out * outlier
 
 
+STRATEGY_SETTINGS = {"attnprobe-rank": (), "attnprobe": ("w_attn", "w_out", "normalize"), "dfnd": ("normalize",),
+                     "probe": ("normalize",), "random": ("seed",)}  # what each strategy reads; the others ignored
+
+
+def used_settings(strategy: str) -> tuple[str, ...]:
+    """The select settings that can change `strategy`'s order or scores (a report lists these, not the rest):
+    `attnprobe-rank` takes none, the paper's combination its weights and normalisation, random its seed."""
+    return STRATEGY_SETTINGS.get(strategy, ("w_attn", "w_out", "normalize", "seed"))
+
+
 def select_images(df: pd.DataFrame, num_select: int, strategy: str = "attnprobe-rank", w_attn: float = 0.05,
                   w_out: float = 0.9, seed: int = 0, normalize: str = "none",
                   num_classes: int | None = None) -> tuple[pd.DataFrame, dict]:
     """The `num_select` lowest-scoring rows (ascending `score`) and a summary with DFND's class weights."""
+    if df.empty:
+        raise AttnprobeError("the score table has no rows: no image of the pool could be read (see the table's "
+                             "skipped list); fix the pool and score it again")
     if not 0 < num_select <= len(df):
         raise AttnprobeError(f"--num-select {num_select} must be between 1 and the pool size {len(df)}")
     score = strategy_scores(df, strategy, w_attn, w_out, seed, normalize)

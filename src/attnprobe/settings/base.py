@@ -104,13 +104,16 @@ def _checked_type(f, value, kind, is_list: bool):
 def _checked_value(f, v, kind):
     if kind is bool and not isinstance(v, bool):
         raise AttnprobeError(f"{flag_name(f)} {v!r}: expected True or False")
-    if kind is int and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
-        raise AttnprobeError(f"{flag_name(f)} {v!r}: expected a whole number")
+    if kind is int:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise AttnprobeError(f"{flag_name(f)} {v!r}: expected a whole number")
+        return int(v)  # a numpy integer becomes a Python one: config.json and the summaries record it
     if kind is float:
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise AttnprobeError(f"{flag_name(f)} {v!r}: expected a number")
         if not math.isfinite(v):
             raise AttnprobeError(f"{flag_name(f)} {v}: must be a finite number")
+        return float(v) if not isinstance(v, numbers.Integral) else int(v)
     if kind is str:
         if isinstance(v, os.PathLike):
             return os.fspath(v)

@@ -17,6 +17,9 @@ _AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 _NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
 _FRACTION = (lambda v: 0 < v <= 1, "a fraction in (0, 1], e.g. 0.9665")
 _BLOCK = (lambda v: v >= 0, "0 or more: blocks are counted from 0")
+SEED_MAX = 2**32 - 1  # numpy's seed range: every command's seed is one numpy, torch and random all take
+_SEED = (lambda v: 0 <= v <= SEED_MAX, f"a whole number from 0 to {SEED_MAX} (numpy's seed range)")
+DEMO_SEEDS = 3  # the demo's students use --seed and the next ones: the last of them must be a seed too
 
 
 # Fields several stages share: functions, so that each dataclass gets a field of its own.
@@ -73,7 +76,7 @@ class SelectSettings(Settings):
     w_out: float = setting(0.9, "weight of the outlier term (attnprobe)")
     normalize: str = setting("none", "put the terms on one scale before weighting (none = the paper)",
                              choices=NORMALIZATIONS)
-    seed: int = setting(0, "seed of the random strategy", shared=True)
+    seed: int = setting(0, "seed of the random strategy", shared=True, check=_SEED)
 
 
 @dataclass(kw_only=True)
@@ -89,7 +92,8 @@ class _TrainSettings(Settings):
     flip: bool = setting(True, "horizontal flips (turn off for digits, text)")
     affine: bool = setting(False, "small random affine jitter (rotation, shift, scale) instead of the padded "
                                   "random crop (digits: the 4-pixel crop shifts them too far)")
-    seed: int = setting(0, "seed of the initialisation, data order and augmentation", shared=True)
+    seed: int = setting(0, "seed of the initialisation, data order and augmentation", shared=True,
+                        check=_SEED)
     batch_size: int = setting(128, _TRAIN_BATCH_HELP, check=_AT_LEAST_1)
     cache_images: bool = setting(False, "keep decoded images in memory after the first epoch (data that fits "
                                         "in RAM, --workers 0)", runtime=True)
@@ -203,7 +207,7 @@ class DaflSettings(Settings):
     fidelity_images: int = setting(1024, "generated images (from fixed, seeded noise) on which fidelity, the "
                                          "student's top-1 agreement with the teacher, chooses best.pt",
                                    check=_AT_LEAST_1)
-    seed: int = setting(0, "seed of the initialisation and the noise")
+    seed: int = setting(0, "seed of the initialisation and the noise", check=_SEED)
     resume: str | None = setting(None, "continue a stopped run from its last.pt (student, generator, optimizers, "
                                        "noise stream)", runtime=True, metavar="RUN/last.pt")
     overwrite: bool = setting(False, "start over in a --out folder that already holds a run", runtime=True)
@@ -285,6 +289,9 @@ class DemoSettings(Settings):
                                       "$XDG_CACHE_HOME/attnprobe)", runtime=True)
     workers: int = setting(0, "DataLoader workers (0: the 28x28 images decode faster in the training process "
                               "than in workers on a small CPU)", check=_NOT_NEGATIVE, runtime=True)
-    seed: int = setting(0, "seed of the benchmark and the teacher; the students use this seed and the next ones")
+    seed: int = setting(0, "seed of the benchmark and the teacher; the students use this seed and the next ones",
+                        check=(lambda v: 0 <= v <= SEED_MAX - (DEMO_SEEDS - 1),
+                               f"a whole number from 0 to {SEED_MAX - (DEMO_SEEDS - 1)} (numpy's seed range, less "
+                               f"the {DEMO_SEEDS - 1} seeds after it that the students use)"))
     jobs: int | None = setting(None, "student trainings at once (default: one per CPU core, at most 8), each "
                                      "with its share of the cores", check=_AT_LEAST_1, runtime=True)

@@ -16,6 +16,7 @@ import torch
 from ..errors import AttnprobeError
 from ..io.atomic import remove_stale, replacing, replacing_dir
 from ..io.checkpoints import load_checkpoint
+from ..io.lock import hold
 from ..settings import ExportSettings
 
 # Beyond attnprobe's own dependencies (timm brings huggingface_hub and safetensors). The TorchScript ONNX
@@ -39,6 +40,16 @@ def export(*, checkpoint, out, settings: ExportSettings) -> dict:
         raise AttnprobeError(f"export --format {format} needs {' and '.join(missing)}: "
                              f"pip install 'attnprobe[{format}]'")
     out = Path(out)
+    # one export to `out` at a time: a second one would clear the first's folder in the making (remove_stale)
+    lock = hold(out.with_name(f".{out.name}.lock"), f"export to {out}",
+                "wait for it to finish, or pass another --out")
+    try:
+        return _export(checkpoint, out, format, settings)
+    finally:
+        lock.release(remove=True)
+
+
+def _export(checkpoint, out: Path, format: str, settings: ExportSettings) -> dict:
     if out.exists() or out.is_symlink():
         raise AttnprobeError(f"{out} exists; pass a new path or remove it")
     model, info = load_checkpoint(checkpoint)

@@ -8,7 +8,9 @@ for other tools, or read back from remote or compressed shards as plain local on
 The source shards are streamed (tar_members.TarSamples: plain or compressed, nothing extracted). OUT is
 built whole beside its place and renamed into it at the end (io.atomic.replacing_dir), so a stopped run
 leaves no shard behind; OUT must be a new or empty folder. A sample key met twice in one new shard (pools
-whose keys repeat across shards) is made unique by prefixing its members with the source shard's stem.
+whose keys repeat across shards) is made unique by prefixing its members with the source shard's stem. Within
+one source shard a member is its name and a sample its key: TarSamples reads the first of each (as scoring
+does), and each row's recorded offset must be that member's, so no two rows ever point at one new member.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from tqdm.auto import tqdm
 from ..errors import AttnprobeError
 from ..io.atomic import remove_stale, replacing_dir, write_json
 from ..io.jsonfiles import read_json
+from ..io.lock import hold
 from ..io.shards import list_shards
 from ..io.tables import read_table, write_table
 from ..io.tar_members import TarSamples, sample_key
@@ -49,7 +52,10 @@ class ShardWriter:
         """Write one sample; returns (source member name, new row path, data offset, size) per member."""
         if self.tar is None or len(self.keys) == self.shard_size:
             self._next()
-        prefix = f"{source_stem}_" if sample.key in self.keys else ""
+        prefix, n = "", 0
+        while prefix + sample.key in self.keys:  # a key met in another source shard: prefix its stem (and a count)
+            n += 1
+            prefix = f"{source_stem}_" if n == 1 else f"{source_stem}_{n}_"
         self.keys.add(prefix + sample.key)
         placed = []
         for m in sample.members:
@@ -85,8 +91,15 @@ def _check_out(out: Path, shards) -> None:
 
 
 def _wanted(df, selection, wild, shards) -> dict[str, set[str]]:
-    """{shard stem: sample keys} of the selection's rows; a row in no shard of `wild` is refused."""
+    """{shard stem: sample keys} of the selection's rows; a row in no shard of `wild` is refused, and so is a
+    row path listed twice (a table scored before repeated members were left out: two rows, one member name)."""
     by_stem = {s.stem for s in shards}
+    twice = df["path"][df["path"].duplicated()]
+    if len(twice):
+        stem, _, member = twice.iat[0].partition("/")
+        raise AttnprobeError(f"{selection} lists {len(twice)} row path(s) twice (first: {twice.iat[0]}): shard {stem} "
+                             f"repeats the member name or sample key {sample_key(member)}, and a row must name one "
+                             "member; rescore the pool (the first of each repeated member is scored) and select again")
     wanted: dict[str, set[str]] = {}
     for path in df["path"]:
         stem, _, member = path.partition("/")
@@ -108,7 +121,17 @@ def reshard(*, selection, wild, out, settings: ReshardSettings) -> dict:
                         fix=f"rerun `attnprobe select` to write {Path(selection).name} and its summary again")
     shards, out = list_shards(wild), Path(out)
     wanted = _wanted(df, selection, wild, shards)
-    _check_out(out, shards)
+    # one reshard into `out` at a time: another would clear this one's folder in the making (remove_stale)
+    lock = hold(out.with_name(f".{out.name}.lock"), f"reshard into {out}",
+                "wait for it to finish, or pass another --out")
+    try:
+        _check_out(out, shards)
+        return _copy(df, meta, summary, summary_path, selection, wild, out, shards, wanted, settings)
+    finally:
+        lock.release(remove=True)
+
+
+def _copy(df, meta, summary, summary_path, selection, wild, out: Path, shards, wanted, settings) -> dict:
     remove_stale(out)  # left by a stopped run
     n_samples = sum(len(keys) for keys in wanted.values())
     width = max(5, len(str(math.ceil(n_samples / settings.shard_size) - 1)))
@@ -119,8 +142,9 @@ def reshard(*, selection, wild, out, settings: ReshardSettings) -> dict:
             for shard in tqdm([s for s in shards if s.stem in wanted], desc="reshard", unit="shard",
                               disable=not settings.progress or None):
                 for sample in TarSamples(shard.path, wanted=wanted[shard.stem].__contains__):
+                    sources = {m.name: m.offset for m in sample.members}
                     for name, path, offset, size in writer.add(shard.stem, sample):
-                        moved[f"{shard.stem}/{name}"] = (path, offset, size)
+                        moved[f"{shard.stem}/{name}"] = (path, offset, size, sources[name])
                         members += 1
         finally:
             writer.close()
@@ -129,6 +153,12 @@ def reshard(*, selection, wild, out, settings: ReshardSettings) -> dict:
             raise AttnprobeError(f"{len(missing)} selected members were not found in their shards (e.g. {missing[0]}): "
                                  "the shards changed or are cut short since they were scored; pass the --wild that "
                                  "was scored")
+        if "offset" in df.columns:  # each row names its member by offset too: the one that was scored
+            moved_from = [p for p, o in zip(df["path"], df["offset"]) if moved[p][3] != int(o)]
+            if moved_from:
+                raise AttnprobeError(f"{len(moved_from)} selected members are at another offset in their shard than "
+                                     f"{selection} records (e.g. {moved_from[0]}): the shard was rewritten since it "
+                                     "was scored; rescore it and select again")
         old = df["path"].tolist()
         df["path"] = [moved[p][0] for p in old]
         df["offset"] = [moved[p][1] for p in old]

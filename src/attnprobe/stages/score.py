@@ -8,7 +8,8 @@ The pass is built for large, dirty pools:
   UTF-8: bytes of a file name that are not UTF-8 are written as backslash escapes (`\\xe9`).
 - One writer, resumable (score_parts.py): the sorted pool is cut into fixed chunks (`chunk_size`
   images); each finished chunk is written whole as `<out>.parts/<chunk>.parquet`, a restart with the
-  same command skips finished chunks, and at the end the parts are merged in order into the table.
+  same command skips finished chunks whose files are unchanged (each part records its files' content
+  identity: names, sizes, mtimes; io.folders.files_identity), and at the end the parts are merged in order.
 - Shardable: under torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment) unfinished chunks are
   dealt round-robin to the ranks; rank 0 merges. Chunks, and hence batches, do not depend on the
   number of processes, so the table does not either.
@@ -23,7 +24,7 @@ import math
 from typing import TYPE_CHECKING
 
 from ..io.checkpoints import load_checkpoint
-from ..io.folders import PathList
+from ..io.folders import PathList, files_identity
 from ..io.outputs import parts_dir
 from ..io.shards import is_shard_pool
 from ..training import distributed
@@ -55,13 +56,22 @@ def score(*, teacher, wild, out, settings: ScoreSettings) -> dict:
         recorded = score_parts.run_settings(teacher, wild, blocks=blocks, settings=settings, pool_size=len(paths),
                                             pool_sha256=paths.digest(), chunk_size=settings.chunk_size)
 
+        def chunk_files(c) -> dict:
+            """What a finished chunk records of its files: their content identity (names, sizes, mtimes)."""
+            size = settings.chunk_size
+            return {"files": files_identity(wild, paths[c * size:(c + 1) * size])}
+        taken: dict[int, dict] = {}  # each chunk's identity, taken before its files are read
+
         def write(c, table, skipped):
-            score_parts.write_part(parts, c, table, skipped)  # through the module: tests replace it
+            score_parts.write_part(parts, c, table, skipped, marker=taken.pop(c, None))  # tests replace it
 
         def score_mine(chunks):
+            taken.update({c: chunk_files(c) for c in chunks})
             score_chunks(model, info, root=wild, paths=paths, chunks=chunks, blocks=blocks, settings=settings,
                          device=device, progress=settings.progress and rank == 0, on_chunk=write)
         schema = table_schema(blocks, keeps_probs(info))
         meta = score_parts.table_meta(info, recorded)
-        meta, resumed = score_parts.score_in_parts(out, recorded, meta, schema, n_chunks, score_mine)
+        meta, resumed = score_parts.score_in_parts(  # a finished chunk whose files changed since is scored again
+            out, recorded, meta, schema, n_chunks, score_mine,
+            finished=lambda p, n: score_parts.finished_matching(p, n, chunk_files))
         return score_parts.run_summary(meta, resumed, n_chunks, out)

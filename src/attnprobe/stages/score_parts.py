@@ -104,6 +104,14 @@ def finished_parts(parts: Path, n_parts: int) -> set[int]:
     return {c for c in range(n_parts) if part_path(parts, c).name in names}
 
 
+def finished_matching(parts: Path, n_parts: int, expected) -> set[int]:
+    """The finished parts whose record still matches `expected(c)` (a dict: what the part's input is now, e.g.
+    its files' content identity). A part whose input changed since, or that is unreadable, is scored again."""
+    done = finished_parts(parts, n_parts)
+    records = {c: part_record(parts, c) for c in done}
+    return {c for c, r in records.items() if r is not None and all(r.get(k) == v for k, v in expected(c).items())}
+
+
 def check_settings(parts: Path, settings: dict) -> None:
     """The guarded settings of this run against those the parts folder was started with (if any)."""
     path = parts / SETTINGS
@@ -141,9 +149,11 @@ def printable_path(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _write_skipped(parts: Path, n_parts: int, path: Path) -> tuple[int, int]:
-    """`<stem>.skipped.csv` from the parts' records; returns (rows scored, files skipped)."""
+def _write_skipped(parts: Path, n_parts: int, path: Path) -> tuple[int, int, dict]:
+    """`<stem>.skipped.csv` from the parts' records; returns (rows scored, files skipped, each shard's
+    [size, mtime_ns] as its part recorded it: {} for a folder pool)."""
     scored = skipped = 0
+    shard_files = {}
     with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
         w = csv.writer(f)
         w.writerow(["path", "reason"])
@@ -153,7 +163,9 @@ def _write_skipped(parts: Path, n_parts: int, path: Path) -> tuple[int, int]:
             part = json.loads(md.metadata[PART_KEY])
             w.writerows([printable_path(p), reason] for p, reason in part["skipped"])
             skipped += len(part["skipped"])
-    return scored, skipped
+            if "shard" in part:
+                shard_files[part["shard"]] = [part.get("shard_bytes"), part.get("shard_mtime_ns")]
+    return scored, skipped, shard_files
 
 
 def merge_parts(parts: Path, n_parts: int, out, meta: dict, schema: pa.Schema) -> dict:
@@ -166,8 +178,10 @@ def merge_parts(parts: Path, n_parts: int, out, meta: dict, schema: pa.Schema) -
                              "command to score them")
     for stale in (out, skipped_path(out)):  # temporary files of a run killed while it wrote these
         remove_stale(stale)
-    scored, skipped = _write_skipped(parts, n_parts, skipped_path(out))
-    meta = {**meta, "scored": scored, "skipped": skipped}
+    scored, skipped, shard_files = _write_skipped(parts, n_parts, skipped_path(out))
+    # a shard pool's table (and a selection from it) records what each shard was when it was scored, so that a
+    # reader of members by offset can tell a shard rewritten since
+    meta = {**meta, "scored": scored, "skipped": skipped, **({"shard_files": shard_files} if shard_files else {})}
     schema = schema.with_metadata({META_KEY: json.dumps(meta).encode()})
     buffer, rows = [], 0
     with replacing(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:  # on failure the parts stay

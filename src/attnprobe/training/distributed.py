@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .threads import use_fair_threads
+
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
@@ -45,6 +47,8 @@ def init_distributed(device: str | torch.device | None = None, timeout: timedelt
         if timeout is not None:
             kwargs["timeout"] = timeout
         dist.init_process_group(backend=backend, rank=_env_int("RANK", 0), world_size=world, **kwargs)
+    if world > 1:  # N processes on this machine: each its share of the cores, not torchrun's 1 or all of them
+        use_fair_threads(dev)
     return dev
 
 

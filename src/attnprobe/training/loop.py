@@ -23,7 +23,7 @@ from ..io.outputs import RUN_FILES, check_run_folder
 from .distributed import barrier, is_main, rank, world_size
 from .engine import evaluate
 from .resume import checkpoint_state
-
+from .threads import use_fair_threads
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -154,6 +154,7 @@ def fit(run: "RunDir", info: dict, objects: dict, resumed: dict, epochs: int, tr
     row), keep best.pt (the epoch with the highest row[criterion]) and last.pt, log the metrics row.
     `chosen(row)`: the info fields a checkpoint of that epoch records. Returns the info of the best epoch."""
     net, optimizer, scheduler = objects["model"], objects["optimizer"], objects["scheduler"]
+    use_fair_threads(next(iter(net.parameters())).device)  # this process's share of the cores (threads.py)
     best = best_row(resumed["history"], criterion)
     for epoch in range(resumed["start"], epochs):
         t0 = time.time()

@@ -18,6 +18,9 @@ from .distributed import all_gather_object, is_main, rank, world_size
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch. Seeds derived from --seed (seed + rank, seed + epoch offsets) may pass
+    numpy's 2**32 - 1, so they are taken modulo 2**32."""
+    seed %= 2**32
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
