@@ -173,6 +173,27 @@ def test_training_takes_its_fair_share_on_a_loaded_machine(torch_threads, image_
     assert info["epoch"] == 0 and torch.get_num_threads() == 1
 
 
+def test_a_resumed_run_keeps_its_thread_count(torch_threads, image_root, tmp_path, monkeypatch):
+    """last.pt records the threads the run trained with, and --resume trains on as many, whatever the load is
+    then: a CPU reduction's rounding depends on the thread count, and a resumed run must end as an
+    uninterrupted one."""
+    torch = torch_threads
+    if threads.cores() < 2:
+        pytest.skip("one core: every choice is 1 thread")
+    torch.set_num_threads(os.cpu_count())  # torch's default: attnprobe chooses
+    monkeypatch.setattr(threads, "running_now", lambda *a, **k: float(threads.cores()))  # every core busy
+    arch, kwargs = TINY_TEACHER
+    common = dict(model=arch, model_kwargs=kwargs, batch_size=16, workers=0, progress=False, device="cpu")
+    attnprobe.train_teacher(image_root / "data", out=tmp_path / "t", epochs=1, schedule="step", **common)
+    assert torch.load(tmp_path / "t" / "last.pt", weights_only=True)["threads"] == 1
+    monkeypatch.setattr(threads, "fair_threads", lambda **kw: (2, "an idle machine now"))
+    monkeypatch.setattr(threads, "_STATE", {"share": None, "ours": None})
+    torch.set_num_threads(os.cpu_count())
+    attnprobe.train_teacher(image_root / "data", out=tmp_path / "t", epochs=2, schedule="step",
+                            resume=tmp_path / "t" / "last.pt", **common)
+    assert torch.get_num_threads() == 1
+
+
 def test_torchruns_own_omp_setting_is_told_from_the_users(monkeypatch, tmp_path):
     """torchrun sets OMP_NUM_THREADS=1 in its workers when its own environment has none: a worker tells the two
     apart by its parent's starting environment."""

@@ -154,7 +154,8 @@ def fit(run: "RunDir", info: dict, objects: dict, resumed: dict, epochs: int, tr
     row), keep best.pt (the epoch with the highest row[criterion]) and last.pt, log the metrics row.
     `chosen(row)`: the info fields a checkpoint of that epoch records. Returns the info of the best epoch."""
     net, optimizer, scheduler = objects["model"], objects["optimizer"], objects["scheduler"]
-    use_fair_threads(next(iter(net.parameters())).device)  # this process's share of the cores (threads.py)
+    # this process's share of the cores (threads.py); a resumed run keeps the count it started with
+    use_fair_threads(next(iter(net.parameters())).device, keep=resumed.get("threads"))
     best = best_row(resumed["history"], criterion)
     for epoch in range(resumed["start"], epochs):
         t0 = time.time()

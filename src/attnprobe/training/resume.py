@@ -167,7 +167,9 @@ def resume_state(resume, run, objects: dict, same: dict | None = None, settings:
                 if row.get("epoch", done + 1) <= done:
                     history.append(row)
     run.rewrite(history)
-    return {"start": done + 1, "history": history, "rng": ckpt.get("rng")}
+    threads = ckpt.get("threads")
+    return {"start": done + 1, "history": history, "rng": ckpt.get("rng"),
+            "threads": threads if isinstance(threads, int) and threads > 0 else None}
 
 
 def restore_rng(resumed: dict, seed: int, loader_generator: torch.Generator) -> None:
@@ -193,4 +195,4 @@ def checkpoint_state(resumed: dict, epoch: int, best: dict, criterion: str, load
     rngs = all_gather_object(rng_state(loader_generator))
     return {**{name: getattr(obj, "module", obj).state_dict() for name, obj in objects.items() if name != "model"},
             "epoch": epoch, "best_on": criterion, "best_score": best[criterion], "best_epoch": best["epoch"],
-            "metrics": resumed["history"], "rng": rngs}
+            "metrics": resumed["history"], "rng": rngs, "threads": torch.get_num_threads()}

@@ -151,16 +151,17 @@ def _physical_cores() -> int:
         return os.cpu_count() or 1
 
 
-def use_fair_threads(device=None) -> int:
+def use_fair_threads(device=None, *, keep: int | None = None) -> int:
     """Set torch's intra-op threads to `fair_threads()` (on the CPU; on a GPU nothing is changed) unless the user
-    chose a count; returns the count in use."""
+    chose a count; returns the count in use. `keep`: the count a resumed run trained with, kept so that it ends
+    bit-identical to an uninterrupted run (a CPU reduction's rounding depends on the thread count)."""
     import torch
     if device is not None and torch.device(device).type != "cpu":
         return torch.get_num_threads()
     chosen = user_threads()
     if chosen is not None:
         return chosen
-    n, _ = fair_threads()
+    n = keep if keep else fair_threads()[0]
     torch.set_num_threads(n)
     _STATE["ours"] = n
     return n
