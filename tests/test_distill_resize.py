@@ -7,7 +7,7 @@ import attnprobe
 from attnprobe.errors import AttnprobeError
 from attnprobe.io.checkpoints import read_checkpoint
 from attnprobe.io.tables import write_table
-from attnprobe.stages import distill as train_mod
+from attnprobe.stages import distill_data as train_mod
 
 from .conftest import TINY_STUDENT
 
@@ -27,7 +27,8 @@ def test_distill_stretches_wild_images_only(image_root, teacher_ckpt, tmp_path, 
     arch, kwargs = TINY_STUDENT
     info = attnprobe.distill(teacher_ckpt, wild, tmp_path / "sel.parquet", test=image_root / "data", student=arch,
                              model_kwargs=kwargs, epochs=1, out=tmp_path / "run", batch_size=16, workers=0, progress=False,
-                             labeled=image_root / "data", per_class=2, resize="stretch")
+                             labeled=image_root / "data", per_class=2, resize="stretch",
+                             no_decode_cache=True)  # today's path; the decoded one: test_decoded_distill.py
     assert calls == ["stretch", "crop"]  # the wild selection, then the mixed-in labeled images
     assert info["resize"] == "stretch"
     assert read_checkpoint(tmp_path / "run" / "best.pt")["info"]["resize"] == "stretch"

@@ -22,7 +22,7 @@ from attnprobe.io.datasets import (
 )
 from attnprobe.io.images import eval_transform, load_image
 from attnprobe.io.tables import write_table
-from attnprobe.stages import distill as distillation
+from attnprobe.stages import distill_data as distillation
 from attnprobe.training import loop as train_mod
 
 from .conftest import CLASSES, TINY_STUDENT, TINY_TEACHER
@@ -194,7 +194,7 @@ def test_holdout_split_is_seeded_disjoint_and_held_out_of_training(image_root, t
     monkeypatch.setattr(distillation, "ImageList", spy)
     for name in ("a", "b"):
         run_distill(image_root, teacher_ckpt, selection[0], tmp_path / name, epochs=1, labeled=image_root / "data",
-                    per_class=2)
+                    per_class=2, no_decode_cache=True)  # the same split on the decoded path: test_decoded_distill.py
     (wild_a, mixed_a, held_a), (wild_b, mixed_b, held_b) = made[:3], made[3:]
     assert (wild_a, mixed_a, held_a) == (wild_b, mixed_b, held_b)
     assert len(held_a) == 3 and len(wild_a) == 27 and len(mixed_a) == 6

@@ -12,6 +12,7 @@ on a refusal), and RUN/.lock keeps a second `run` out of the folder while one ru
     RUN/stages.json       per stage: key, status (started/done), seconds
     RUN/scores.parquet    (+ scores.skipped.csv)
     RUN/<strategy>/selection.parquet, selection.json, student/, evaluation.json
+    RUN/decoded/          the decoded selection, shared by the strategies (not with --no-decode-cache)
     RUN/report.html
 """
 from __future__ import annotations
@@ -158,6 +159,8 @@ def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_setti
               clear=(scores, scores.with_name("scores.skipped.csv"), scores.with_name("scores.parquet.parts")),
               kept=scores.with_name("scores.parquet.parts"), again="scoring again")
         results = {}
+        # one decoded selection for every strategy: the rows their selections share are decoded once
+        decoded = distill_settings.decode_cache or str(out.resolve() / "decoded")
         for strategy in run_settings.strategies:
             folder = out / strategy
             sel_settings = SelectSettings.build(select_settings, strategy=strategy)
@@ -174,7 +177,8 @@ def run(teacher, wild, out, *, test=None, run_settings: RunSettings, score_setti
             resume = student / "last.pt"
             stage(f"distill:{strategy}", distill_key, lambda: checkpoint_problem(student / "best.pt"),
                   lambda: api.distill(teacher, wild, selection, out=student, test=test, settings=distill_settings,
-                                      device=device, resume=str(resume) if resume.is_file() else None,
+                                      device=device, decode_cache=decoded,
+                                      resume=str(resume) if resume.is_file() else None,
                                       overwrite=not resume.is_file()),  # a cleared or never-saved student folder
                   clear=(student,), kept=resume, again="training again")
             evaluation = folder / "evaluation.json"

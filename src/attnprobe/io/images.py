@@ -150,6 +150,13 @@ def eval_transform(info: dict, *, resize: str = "crop"):
     return transforms.Compose([*_geometry(_size(info), resize), *_normalize(info)])
 
 
+def decode_transform(info: dict, *, resize: str):
+    """The deterministic part of every transform, kept by a decoded selection (io.decoded): the eval geometry
+    (`resize` as in eval_transform), then PILToTensor: a PIL image -> uint8 [C, H, W], not normalised. The
+    training augmentation and the teacher's normalisation follow on batches (ToTensor's x / 255 of these bytes)."""
+    return transforms.Compose([*_geometry(_size(info), resize), transforms.PILToTensor()])
+
+
 def train_transform(info: dict, flip: bool = True, affine: bool = False, *, resize: str = "crop"):
     """Eval geometry (`resize` as in eval_transform), then a random crop with 4-pixel padding (CIFAR
     style) or, with `affine`, a small affine jitter instead (digits: the padded crop shifts a 28-pixel

@@ -19,6 +19,7 @@ _FRACTION = (lambda v: 0 < v <= 1, "a fraction in (0, 1], e.g. 0.9665")
 _BLOCK = (lambda v: v >= 0, "0 or more: blocks are counted from 0")
 SEED_MAX = 2**32 - 1  # numpy's seed range: every command's seed is one numpy, torch and random all take
 _SEED = (lambda v: 0 <= v <= SEED_MAX, f"a whole number from 0 to {SEED_MAX} (numpy's seed range)")
+DECODED_ON = ("auto", "host", "device")  # where distill keeps the decoded selection
 DEMO_SEEDS = 3  # the demo's students use --seed and the next ones: the last of them must be a seed too
 
 
@@ -141,6 +142,9 @@ class DistillSettings(_TrainSettings):
     lr: float = setting(7.5e-4, "peak learning rate (AdamW)", check=_POSITIVE)
     weight_decay: float = setting(0.025, "AdamW weight decay", check=_NOT_NEGATIVE)
     batch_size: int = setting(256, _TRAIN_BATCH_HELP, check=_AT_LEAST_1, shared=True)
+    cache_images: bool = setting(False, "with --no-decode-cache: keep decoded images in memory after the first "
+                                        "epoch (data that fits in RAM, --workers 0); the decoded selection does "
+                                        "not need it", runtime=True)
     temperature: float = setting(4.0, "KD temperature", check=_POSITIVE)
     probe_weight: float = setting(0.8, "weight of the probe-distillation loss (0: off)", check=_NOT_NEGATIVE)
     probe_blocks: list[int] | None = setting(None, "teacher blocks (0-based) whose outputs are matched; student "
@@ -169,6 +173,18 @@ class DistillSettings(_TrainSettings):
     steps: int | None = setting(None, "train for exactly this many optimizer steps (per process) instead of "
                                       "--epochs: the epochs are as many as needed, the last one cut short, so that "
                                       "selections of different sizes get equal compute", check=_AT_LEAST_1)
+    decode_cache: str | None = setting(None, "where the decoded selection is kept (default: SEL.decoded/ beside the "
+                                             "selection; in run: RUN/decoded/, shared by its strategies): each "
+                                             "selected image decoded once, at the teacher's input size, C x H x W "
+                                             "bytes (650,000 images: 2 GB at 32 px, 98 GB at 224 px), reused by "
+                                             "every epoch, run and strategy; turn it off (--no-decode-cache) when "
+                                             "the disk cannot hold it", runtime=True, metavar="DIR")
+    no_decode_cache: bool = setting(False, "today's path: decode and augment every image in every epoch, on the "
+                                           "host's workers (for comparison, and for pools too big for the disk)")
+    decoded_on: str = setting("auto", "where the decoded training images live: device = all of them in the "
+                                      "device's memory (no host I/O in an epoch), host = memory-mapped from disk, "
+                                      "auto = device when it is a GPU and they take under a quarter of its free "
+                                      "memory", choices=DECODED_ON, runtime=True)
 
     def __post_init__(self):
         super().__post_init__()

@@ -7,41 +7,25 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.utils.data import ConcatDataset
 
 from ..errors import AttnprobeError
 from ..io.checkpoints import file_sha256, load_checkpoint
-from ..io.datasets import ImageList, labeled_folder, per_class_subset, split_holdout
+from ..io.datasets import labeled_folder
 from ..io.folders import class_dir
-from ..io.images import eval_transform, train_transform
+from ..io.images import eval_transform
 from ..io.jsonfiles import field
 from ..io.selection import read_selection, selected_paths, summary_path
-from ..io.tar_members import MemberLoader
 from ..method.losses import NoiseAdaptation
 from ..method.probe import check_blocks, default_distill_blocks, map_blocks
 from ..models import build_student, describe, geometry
 from ..training.distributed import init_distributed, is_main, rank
-from ..training.engine import DistillModel, distill_one_epoch, fidelity, predict
-from ..training.loop import RunDir, batches_per_epoch, ddp, eval_loader, fit, lr_schedule, measure_top1, train_loader
+from ..training.engine import DistillModel, distill_one_epoch
+from ..training.loop import RunDir, batches_per_epoch, ddp, eval_loader, fit, lr_schedule, measure_top1
 from ..training.resume import recorded_settings, restore_rng, resume_state, seed_everything
+from .distill_data import distill_data
 
 __all__ = ["distill", "selected_paths"]  # selected_paths: io.selection's, kept importable from here
 
-
-def _fidelity_measure(teacher_net, t_info: dict, held: list[str], resize: str, batch_size: int, workers: int,
-                      device, progress: bool, cache: bool, loader=None):
-    """measure(student) -> {fidelity, fidelity_n} on the held-out images, seen as the teacher sees them (its
-    eval transform, the run's `resize`). The teacher's predictions are computed here, once, on this
-    process's shard of the held-out images."""
-    ds = ImageList(held, transform=eval_transform(t_info, resize=resize), in_chans=t_info["in_chans"], cache=cache,
-                   loader=loader)
-    loader = eval_loader(ds, batch_size, workers)
-    teacher_pred = predict(teacher_net, loader, device, progress)
-
-    def measure(student) -> dict:
-        f = fidelity(student, loader, teacher_pred, device, progress)
-        return {"fidelity": f["fidelity"], "fidelity_n": f["n"]}
-    return measure
 
 def distill(*, teacher, wild, selection, out, test=None, settings) -> dict:
     """Train a student from scratch on the selected wild images with the teacher as the only supervision
@@ -62,6 +46,14 @@ def distill(*, teacher, wild, selection, out, test=None, settings) -> dict:
     `resize`: how a wild image is brought to the teacher's input before the augmentation: `crop`
     (shorter side, centre crop) or `stretch` (the whole image to the square input, as the reference).
     The labeled images (the mixed-in `per_class` ones and the test set) are always cropped.
+
+    The images (distill_data.py): unless `no_decode_cache`, each distinct selected image (and mixed-in labeled
+    one) is decoded once, at the teacher's input size after the deterministic `resize`, into the decoded
+    selection (`decode_cache`, default SEL.decoded/ beside the selection; io/decoded.py), which later epochs,
+    runs and strategies reuse; each epoch gathers uint8 batches from it and augments and normalises them on the
+    device (`decoded_on`: the whole set in device memory, or memory-mapped from disk). Unreadable images are
+    listed once and left out. With `no_decode_cache`, today's path: every image decoded and augmented again in
+    every epoch by the DataLoader's workers.
 
     Under torchrun each process distills on its shard of the selection with `batch_size` images per step;
     the student and the noise-adaptation matrix are trained as one DistributedDataParallel module, the
@@ -93,49 +85,36 @@ def distill(*, teacher, wild, selection, out, test=None, settings) -> dict:
             raise AttnprobeError(f"--robust needs the class weights in {summary_path(selection)}; rerun attnprobe select")
         weights = field(summary, "class_weights", list, path=summary_path(selection), what="the selection's summary",
                         fix="--robust needs its class weights: rerun attnprobe select")
-    # a shard pool's members are read by offset from their tar files; a folder's images by their paths
-    wild_loader = MemberLoader(members, t_info["in_chans"], cache=s.cache_images) if members is not None else None
-    train_paths, held = split_holdout(paths if wild_loader else [os.path.join(wild, p) for p in paths], s.holdout,
-                                      s.seed)
-    train_ds = ImageList(train_paths, transform=train_transform(t_info, s.flip, s.affine, resize=s.resize),
-                         in_chans=t_info["in_chans"], cache=s.cache_images, loader=wild_loader)
-    if s.labeled and s.per_class > 0:
-        labeled_ds = labeled_folder(class_dir(s.labeled, t_info["classes"], "train"), t_info["classes"], None,
-                                    t_info["in_chans"])
-        # used like wild images (teacher-supervised, same augmentation), but always cropped, not stretched
-        mixed = ImageList(per_class_subset(labeled_ds, s.per_class, s.seed),
-                          transform=train_transform(t_info, s.flip, s.affine),
-                          in_chans=t_info["in_chans"], cache=s.cache_images)
-        train_ds = ConcatDataset([train_ds, mixed])
+    noise = _noise_adaptation(s, t_info, device)  # refused (no teacher accuracy) before any decoding
+    data = distill_data(s, t_info=t_info, wild=wild, selection=selection, paths=paths, members=members,
+                        device=device, progress=progress)
     # Test images of another size or colour mode are resized and converted to the teacher's geometry.
     test_ds = None if test is None else labeled_folder(class_dir(test, t_info["classes"], "val"), t_info["classes"],
                                                        eval_transform(t_info), t_info["in_chans"], s.cache_images)
 
-    noise = _noise_adaptation(s, t_info, device)
     if weights is not None:
         weights = torch.tensor(weights, dtype=torch.float32, device=device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     optimizers = [optimizer] + ([torch.optim.Adam(noise.parameters(), lr=s.noise_lr)] if noise else [])
-    per_epoch = batches_per_epoch(len(train_ds), s.batch_size)
+    per_epoch = batches_per_epoch(data.n, s.batch_size)
     epochs = -(-s.steps // per_epoch) if s.steps is not None else s.epochs
     steps = s.steps if s.steps is not None else epochs * per_epoch
     scheduler = lr_schedule(optimizer, s.schedule, epochs, s.warmup_epochs)
     info = describe(net, arch, kwargs, t_info["classes"], t_info["mean"], t_info["std"], role="student",
                     teacher=os.path.abspath(teacher), selection=os.path.abspath(selection),
                     teacher_accuracy=t_info.get("accuracy"), resize=s.resize, selected_on=s.select_on,
-                    holdout=len(held), teacher_sha256=teacher_sha256, settings=recorded, epochs=epochs, steps=steps)
+                    holdout=data.held, teacher_sha256=teacher_sha256, settings=recorded, epochs=epochs, steps=steps)
     run = RunDir(out, resume=bool(s.resume), overwrite=s.overwrite)
     objects = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
     if noise:
         objects.update(noise=noise, noise_optimizer=optimizers[1])
-    resumed = resume_state(s.resume, run, objects, same={"holdout": (len(held), "--holdout"),
+    resumed = resume_state(s.resume, run, objects, same={"holdout": (data.held, "--holdout"),
                                                          "selected_on": (s.select_on, "--select-on"),
                                                          "teacher_sha256": (teacher_sha256, "--teacher")},
                            settings=recorded)
     seed_everything(s.seed + rank())  # the data streams: distinct per process, fixed by the seed
-    loader = train_loader(train_ds, s.batch_size, s.workers, s.seed)
-    measure_fidelity = _fidelity_measure(teacher_net, t_info, held, s.resize, s.batch_size, s.workers, device,
-                                         progress, s.cache_images, wild_loader)
+    loader = data.loader()  # DataLoader or decoded batches: the same .sampler and .generator
+    measure_fidelity = data.measure(teacher_net)
     restore_rng(resumed, s.seed, loader.generator)
     model = ddp(DistillModel(net, noise), device)
 
