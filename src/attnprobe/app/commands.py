@@ -169,18 +169,31 @@ def how_to_continue(args) -> str:
 
 def _after_rank0(code: int) -> int:
     """Under torchrun, the other ranks let rank 0 print its line and exit first (torchrun then stops them,
-    and its summary names rank 0 as the root cause); stopped or not, they exit with the same code."""
-    if _rank0() or os.environ.get("WORLD_SIZE", "1") in ("", "1"):
-        return code
+    and its summary names rank 0 as the root cause); stopped or not, they exit with the same code. Rank 0
+    waits a moment first, so that a slower rank reaches the same line before torchrun stops it."""
     import signal
     import time
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        return code
+    if _rank0():
+        time.sleep(1)
+        return code
     signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
     time.sleep(10)
     return code
 
 
+def _stopped_with_rank0() -> None:
+    """Under torchrun, before a rank joins the process group (training.distributed resets this), torchrun's
+    SIGTERM means rank 0 refused input that every rank shares and exited 2: exit 2 as well, not by the signal."""
+    if not _rank0() and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        import signal
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
+
+
 def main(args) -> int:
     """Run parsed `args`: bad input and expected environmental errors are one line and exit 2 (see cli.main)."""
+    _stopped_with_rank0()
     try:
         execute(args)
     except AttnprobeError as e:

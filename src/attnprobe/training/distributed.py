@@ -47,6 +47,7 @@ def init_distributed(device: str | torch.device | None = None, timeout: timedelt
         if timeout is not None:
             kwargs["timeout"] = timeout
         dist.init_process_group(backend=backend, rank=_env_int("RANK", 0), world_size=world, **kwargs)
+        _default_sigterm()  # joined: from here on torchrun's SIGTERM stops a running job (see app/commands.py)
     if world > 1:  # N processes on this machine: each its share of the cores, not torchrun's 1 or all of them
         use_fair_threads(dev)
     return dev
@@ -89,3 +90,11 @@ def cleanup() -> None:
     """Leave the process group (if this process is in one)."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+def _default_sigterm() -> None:
+    import signal
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the main thread: the handler was never set there
+        pass
