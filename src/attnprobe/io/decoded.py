@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import AttnprobeError, first_line
 from .atomic import replacing, write_json
 from .datasets import failure_reason
+from .folders import file_stats
 from .images import decode_transform
 from .jsonfiles import read_json
 from .lock import FileLock
@@ -65,22 +66,13 @@ def row_sources(paths, *, wild, members=None) -> list[RowSource]:
         for p in paths:
             file, offset, size = members[p]
             if file not in mtimes:
-                mtimes[file] = _stat(file)[1]
+                mtimes[file] = next(file_stats("", [file]))[2]
             out.append(RowSource(p, (p.split("/", 1)[0], int(offset), int(size), mtimes[file]), p))
         return out
     root = os.fspath(wild)
-    for p in paths:
-        full = os.path.join(root, p)
-        out.append(RowSource(p, _stat(full), full))
+    for p, size, mtime_ns in file_stats(root, paths):
+        out.append(RowSource(p, (int(size), int(mtime_ns)), os.path.join(root, p)))
     return out
-
-
-def _stat(path) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return -1, -1
-    return int(st.st_size), int(st.st_mtime_ns)
 
 
 def input_size(info: dict) -> tuple[int, int]:

@@ -153,10 +153,7 @@ def score_shard_list(model, info: dict, *, shards: list[Shard], mine: list[int],
 def finished_shards(parts: Path, shards: list[Shard]) -> set[int]:
     """The shards whose part is written and whose marker still matches the shard's file (size, time); an
     unreadable part is scored again, and replaced."""
-    done = score_parts.finished_parts(parts, len(shards))
-    records = {i: score_parts.part_record(parts, i) for i in done}
-    return {i for i, r in records.items()
-            if r is not None and all(r.get(k) == v for k, v in shards[i].marker().items())}
+    return score_parts.finished_matching(parts, len(shards), lambda i: shards[i].marker())
 
 
 def score_shards(*, teacher, wild, out, settings: ScoreSettings) -> dict:
