@@ -139,7 +139,10 @@ def test_bad_inputs(pipeline, image_root, tmp_path, capsys):
                 "--test", str(test), "--epochs", "1", "--out", str(tmp_path / "st"), "--student",
                 "vit_tiny_patch16_224", "--model-kwargs", f"patch_size={patch}", "embed_dim=16", "depth=2",
                 "num_heads=2", *q, *extra]
-    expect_error(distill(patch=8), capsys, "token grid")
+    convnext = distill()
+    convnext[convnext.index("vit_tiny_patch16_224")] = "convnext_atto"
+    del convnext[convnext.index("--model-kwargs"):convnext.index("num_heads=2") + 1]
+    expect_error(convnext, capsys, "cannot take the teacher's 16x16 x3 input")
     expect_error(distill("--probe-blocks", "9"), capsys, "past the model's depth")
     expect_error(distill(test=other), capsys, "not the model's")
     expect_error(distill(wild=tmp_path / "elsewhere"), capsys, "does not exist")

@@ -257,12 +257,12 @@ def gz_pool(root, image_root):
     return str(root / "*.tar.gz")
 
 
-@pytest.mark.parametrize("case", ["token grid", "test file", "compressed", "num select", "probe blocks"])
+@pytest.mark.parametrize("case", ["student input", "test file", "compressed", "num select", "probe blocks"])
 def test_what_can_fail_before_the_first_stage_fails_before_it(case, image_root, pool, teacher_ckpt, tmp_path,
                                                                capsys):
     out, wild, extra, kwargs = tmp_path / "run", pool, [], None
-    if case == "token grid":
-        kwargs, expect = {"patch_size": 8}, "token grid"
+    if case == "student input":  # convnext_atto downsamples the 16-px input to nothing
+        kwargs, expect = {"drop_rate": 0.0}, "cannot take the teacher's 16x16 x3 input"
     elif case == "test file":
         extra, expect = ["--test", str(image_root / "data/val/hbar/0.png")], "not a folder"
     elif case == "num select":
@@ -271,7 +271,11 @@ def test_what_can_fail_before_the_first_stage_fails_before_it(case, image_root, 
         extra, expect = ["--probe-blocks", "7"], "--probe-blocks"
     else:
         wild, expect = gz_pool(tmp_path / "gz", image_root), "compressed"
-    assert main(argv(wild, teacher_ckpt, out, *extra, kwargs=kwargs)) == 2
+    args = argv(wild, teacher_ckpt, out, *extra, kwargs=kwargs)
+    if case == "student input":
+        args[args.index("--student") + 1] = "convnext_atto"
+        del args[args.index("--model-kwargs") + 1:args.index("drop_rate=0.0")]
+    assert main(args) == 2
     assert expect in one_error_line(capsys)
     assert not out.exists()
 

@@ -1,8 +1,9 @@
-"""Named model presets, and building a checked timm ViT from a name and its constructor arguments.
+"""Named model presets, and building a checked timm model from a name and its constructor arguments.
 
-Every model is a timm VisionTransformer with a CLS token. A checkpoint carries the
-architecture, its constructor arguments, the class names, the input geometry and
-the normalisation, so that no later command has to be told them again.
+A teacher is a timm VisionTransformer with a CLS token (the probe reads its attention). A student is any timm
+image classifier: a ViT on the teacher's patch grid or another, or a network without a CLS token (a ResNet, a
+MobileNet, a ConvNeXt). A checkpoint carries the architecture, its constructor arguments, the class names, the
+input geometry and the normalisation, so that no later command has to be told them again.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import ast
 import math
 
 import timm
+import torch
 from torch import nn
 
 from .errors import AttnprobeError, first_line
@@ -28,6 +30,10 @@ PRESETS: dict[str, tuple[str, dict]] = {
     # Small enough to train on two CPU cores in minutes (the digits demo).
     "ap_digits_teacher": ("vit_tiny_patch16_224", {**_VIT_28, "embed_dim": 64, "depth": 4, "num_heads": 2}),
     "ap_digits_student": ("vit_tiny_patch16_224", {**_VIT_28, "embed_dim": 24, "depth": 4, "num_heads": 2, "mlp_ratio": 2.0}),
+    # A ResNet for 28-px digits (the demo's CNN student): one block per stage and narrow stages; its 3-conv stem
+    # and max-pool leave 7 x 7 positions to the first stage, 4 x 4 and 2 x 2 to the next two.
+    "ap_digits_resnet": ("resnet18", {"layers": (1, 1, 1, 1), "channels": (16, 32, 48, 64), "stem_type": "deep",
+                                      "stem_width": 8}),
 }
 
 
@@ -105,19 +111,29 @@ def resolve_model(name: str, overrides: dict | None = None, *, input_from: dict 
     """A preset or timm name plus overrides -> (timm architecture, constructor kwargs).
 
     `input_from` ({img_size, in_chans}, e.g. a teacher's info) replaces the preset's own input geometry: a
-    student takes its teacher's input; img_size/in_chans given in `overrides` still win."""
+    student takes its teacher's input; img_size/in_chans given in `overrides` still win. img_size is passed only
+    to architectures built for one input size (timm's `fixed_input_size`, e.g. a ViT's position embedding): a
+    CNN takes any size and has no such argument."""
     if not isinstance(name, str) or not name:
-        raise AttnprobeError(f"model {name!r}: expected a preset ({', '.join(PRESETS)}) or a timm ViT name")
+        raise AttnprobeError(f"model {name!r}: expected a preset ({', '.join(PRESETS)}) or a timm model name")
     arch, kwargs = PRESETS.get(name, (name, {}))
     if arch not in timm.list_models():
-        raise AttnprobeError(
-            f"unknown model {name!r}; use a preset ({', '.join(PRESETS)}) or a timm ViT name such as vit_tiny_patch16_224")
-    geometry_from = {k: input_from[k] for k in ("img_size", "in_chans") if input_from and k in input_from}
+        raise AttnprobeError(f"unknown model {name!r}; use a preset ({', '.join(PRESETS)}) or a timm model name such "
+                             "as vit_tiny_patch16_224 or resnet18 (timm.list_models() lists them)")
+    keys = ("img_size", "in_chans") if fixed_input_size(arch) else ("in_chans",)
+    geometry_from = {k: input_from[k] for k in keys if input_from and k in input_from}
     return arch, {**kwargs, **geometry_from, **(overrides or {})}
 
 
-def build_model(arch: str, model_kwargs: dict, num_classes: int, *, layer_norm_eps: float | None = None) -> nn.Module:
-    """A timm model from its architecture and constructor kwargs, checked to be a CLS-token ViT.
+def fixed_input_size(arch: str) -> bool:
+    """Whether timm builds the architecture for one input size (its pretrained_cfg's fixed_input_size)."""
+    return bool(getattr(timm.get_pretrained_cfg(arch), "fixed_input_size", False))
+
+
+def build_model(arch: str, model_kwargs: dict, num_classes: int, *, layer_norm_eps: float | None = None,
+                vit: bool = True) -> nn.Module:
+    """A timm model from its architecture and constructor kwargs; with `vit` (a teacher), checked to be a
+    CLS-token ViT.
 
     `layer_norm_eps` overrides every LayerNorm's eps: teachers imported from transformers use 1e-12 where
     timm uses 1e-6, and timm's constructor has no plain-value argument for it."""
@@ -127,11 +143,12 @@ def build_model(arch: str, model_kwargs: dict, num_classes: int, *, layer_norm_e
     except TypeError as e:
         raise AttnprobeError(f"model {arch!r} does not take these --model-kwargs ({first_line(e)}); fix the key "
                              "names") from None
-    except (ValueError, AssertionError, KeyError, ZeroDivisionError) as e:  # timm's own checks of the values
+    except (ValueError, AssertionError, KeyError, IndexError, ZeroDivisionError) as e:  # timm's own checks
         shown = " ".join(f"{k}={v!r}" for k, v in model_kwargs.items())
         raise AttnprobeError(f"model {arch!r} cannot be built with --model-kwargs {shown} ({first_line(e)}); "
                              "fix the values") from None
-    check_vit(model, arch)
+    if vit:
+        check_vit(model, arch)
     if layer_norm_eps is not None:
         for module in model.modules():
             if isinstance(module, nn.LayerNorm):
@@ -139,12 +156,24 @@ def build_model(arch: str, model_kwargs: dict, num_classes: int, *, layer_norm_e
     return model
 
 
+def is_cls_vit(model: nn.Module) -> bool:
+    """A timm VisionTransformer with a CLS token: what the attention probe reads."""
+    return (getattr(model, "cls_token", None) is not None and hasattr(model, "blocks")
+            and all(hasattr(b, "attn") and hasattr(b.attn, "qkv") for b in model.blocks))
+
+
+def student_kind(student: nn.Module, teacher: nn.Module) -> str:
+    """"vit" (a CLS-token ViT on the teacher's patch grid), "vit-other-grid", or "no-cls" (e.g. a CNN)."""
+    student = getattr(student, "module", student)
+    if not is_cls_vit(student):
+        return "no-cls"
+    return "vit" if geometry(student)["grid_size"] == geometry(teacher)["grid_size"] else "vit-other-grid"
+
+
 def check_vit(model: nn.Module, name: str = "model") -> None:
-    ok = (getattr(model, "cls_token", None) is not None and hasattr(model, "blocks")
-          and all(hasattr(b, "attn") and hasattr(b.attn, "qkv") for b in model.blocks))
-    if not ok:
-        raise AttnprobeError(f"{name} is not a timm VisionTransformer with a CLS token; pick a vit_*/deit_* model "
-                             "with class_token=True")
+    if not is_cls_vit(model):
+        raise AttnprobeError(f"{name} is not a timm VisionTransformer with a CLS token; a teacher must be one (the "
+                             "probe reads its attention): pick a vit_*/deit_* model with class_token=True")
     if len(model.blocks) < 1:
         raise AttnprobeError(f"{name} has no transformer blocks (depth 0); a ViT needs depth 1 or more, e.g. "
                              "--model-kwargs depth=4")
@@ -153,6 +182,7 @@ def check_vit(model: nn.Module, name: str = "model") -> None:
     if grid and min(grid) < 1:
         raise AttnprobeError(f"{name}: patch_size {list(pe.patch_size)} is larger than img_size {list(pe.img_size)}, "
                              "so there are no patches; use a smaller patch_size or a larger img_size")
+
 
 def geometry(model: nn.Module) -> dict:
     """Input size, channels, token grid and prefix-token count of a timm ViT."""
@@ -167,6 +197,12 @@ def geometry(model: nn.Module) -> dict:
     }
 
 
+def input_shape(info: dict) -> tuple[int, int, int]:
+    """(C, H, W) of a checkpoint's input."""
+    size = info["img_size"]
+    return (int(info["in_chans"]), *((size, size) if isinstance(size, int) else size))
+
+
 def default_norm(arch: str, in_chans: int) -> tuple[list[float], list[float]]:
     """timm's pretrained_cfg mean/std for the architecture, averaged down to one channel if needed."""
     cfg = timm.get_pretrained_cfg(arch)
@@ -177,9 +213,10 @@ def default_norm(arch: str, in_chans: int) -> tuple[list[float], list[float]]:
 
 
 def describe(model: nn.Module, arch: str, model_kwargs: dict, classes: list[str], mean, std,
-             accuracy: float | None = None, **extra) -> dict:
-    """The info dict a checkpoint carries (plain Python values only, so loading stays weights_only)."""
-    geo = geometry(model)
+             accuracy: float | None = None, *, input_from: dict | None = None, **extra) -> dict:
+    """The info dict a checkpoint carries (plain Python values only, so loading stays weights_only). A model
+    that is not a ViT does not record its input size: `input_from` (its teacher's info) gives it."""
+    geo = geometry(model) if is_cls_vit(model) else {k: input_from[k] for k in ("img_size", "in_chans")}
     return {
         "arch": arch, "model_kwargs": dict(model_kwargs), "num_classes": len(classes), "classes": list(classes),
         "img_size": geo["img_size"], "in_chans": geo["in_chans"], "mean": [float(m) for m in mean],
@@ -188,22 +225,41 @@ def describe(model: nn.Module, arch: str, model_kwargs: dict, classes: list[str]
     }
 
 
-def build_student(name: str, model_kwargs: dict | None, *, teacher_info: dict, teacher_model: nn.Module,
-                  probe_on: bool) -> tuple[nn.Module, str, dict]:
-    """(student, arch, kwargs): a timm model with the teacher's classes and input geometry. A preset's own
+def build_student(name: str, model_kwargs: dict | None, *, teacher_info: dict, teacher_model: nn.Module
+                  ) -> tuple[nn.Module, str, dict]:
+    """(student, arch, kwargs): any timm image classifier with the teacher's classes and input. A preset's own
     img_size and in_chans are replaced by the teacher's; only img_size/in_chans given in `model_kwargs`
-    override, and then must agree with the teacher's. With `probe_on` the patch grids must match."""
+    override, and then must agree with the teacher's. Its token grid (a ViT's) or stages (a CNN's) may differ
+    from the teacher's: the probe maps are compared on the coarser grid (method/probe_maps.py)."""
     arch, kwargs = resolve_model(name, model_kwargs, input_from=teacher_info)
-    net = build_model(arch, kwargs, teacher_info["num_classes"])
-    s_geo, t_geo = geometry(net), geometry(teacher_model)
-    if (s_geo["img_size"], s_geo["in_chans"]) != (t_geo["img_size"], t_geo["in_chans"]):
-        given = " ".join(f"{k}={(model_kwargs or {})[k]!r}" for k in ("img_size", "in_chans") if k in (model_kwargs or {}))
-        raise AttnprobeError(f"student input {s_geo['img_size']}px x{s_geo['in_chans']} differs from the teacher's "
-                             f"{t_geo['img_size']}px x{t_geo['in_chans']}; drop --model-kwargs {given} (the student "
-                             "takes the teacher's input)")
-    # Each model's CLS token is compared with its own patch tokens, so the prefix tokens may differ (a
-    # distilled DeiT teacher has two); the patch grids must match token for token.
-    if probe_on and s_geo["grid_size"] != t_geo["grid_size"]:
-        raise AttnprobeError(f"student token grid {s_geo['grid_size']} differs from the teacher's {t_geo['grid_size']}; "
-                             "use the teacher's patch_size or turn the probe loss off with --probe-weight 0")
+    net = build_model(arch, kwargs, teacher_info["num_classes"], vit=False)
+    t_geo = geometry(teacher_model)
+    if is_cls_vit(net):
+        check_vit(net, f"student {name}")
+        s_geo = geometry(net)
+        if (s_geo["img_size"], s_geo["in_chans"]) != (t_geo["img_size"], t_geo["in_chans"]):
+            given = " ".join(f"{k}={(model_kwargs or {})[k]!r}" for k in ("img_size", "in_chans")
+                             if k in (model_kwargs or {}))
+            raise AttnprobeError(f"student input {s_geo['img_size']}px x{s_geo['in_chans']} differs from the "
+                                 f"teacher's {t_geo['img_size']}px x{t_geo['in_chans']}; drop --model-kwargs {given} "
+                                 "(the student takes the teacher's input)")
+        return net, arch, kwargs
+    _check_runs_on(net, name, input_shape(teacher_info))
     return net, arch, kwargs
+
+
+@torch.no_grad()
+def _check_runs_on(net: nn.Module, name: str, shape) -> None:
+    """One forward of two zero images of the teacher's input, in eval mode: a network that downsamples a small
+    input to nothing, or takes other channels, is refused here, not in the first training step."""
+    try:
+        out = net.eval()(torch.zeros(2, *shape))
+    except RuntimeError as e:
+        raise AttnprobeError(f"student {name} cannot take the teacher's {shape[1]}x{shape[2]} x{shape[0]} input "
+                             f"({first_line(e)}); pick a model for inputs this size or change its --model-kwargs "
+                             "(e.g. fewer stages or a smaller stem stride)") from None
+    finally:
+        net.train()
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        raise AttnprobeError(f"student {name} does not return one row of class logits per image; pick a timm image "
+                             "classifier")

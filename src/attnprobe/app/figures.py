@@ -49,7 +49,7 @@ def fig_attention(teacher_ckpt, wild: Path, paths: list[str], labels: list[str],
                   resize: str = "crop", title: str | None = None) -> Figure:
     """The attention probe (head 0's CLS attention over patches) at each probed block, over the image as the
     teacher saw it (brought to its input by `resize`, as the scores were: `crop` or `stretch`)."""
-    model, info = load_checkpoint(teacher_ckpt)
+    model, info = load_checkpoint(teacher_ckpt, teacher=True)
     x = torch.stack([eval_transform(info, resize=resize)(load_image(wild / p, info["in_chans"])) for p in paths])
     with BlockTaps(model, qkv_blocks=blocks) as taps:
         model(x)

@@ -208,8 +208,8 @@ def _preflight(teacher: Path, wild: Path, out: Path, test: Path | None, num_sele
     from ..io.folders import PathList
     from ..io.inputs import check_inputs
     from ..io.shards import is_compressed, is_shard_pool, list_shards
-    from ..method.probe import check_blocks
-    from ..models import build_student, geometry
+    from ..models import build_student
+    from ..stages.distill import probe_plan
     if not teacher.is_file():
         raise AttnprobeError(f"--teacher {teacher} is not a file; pass a checkpoint (train-teacher or import-teacher)")
     check_inputs({"--wild": (wild, "pool"), "--test": (test, "dir")})
@@ -228,11 +228,9 @@ def _preflight(teacher: Path, wild: Path, out: Path, test: Path | None, num_sele
     elif num_select > (listed := len(PathList.from_dir(wild))):  # the scored rows are at most the images listed
         raise AttnprobeError(f"--num-select {num_select} is more than the {listed} images under --wild {wild}; "
                              "pass a smaller --num-select")
-    net, info = load_checkpoint(teacher)
-    if distill.probe_weight > 0 and distill.probe_blocks:
-        check_blocks(distill.probe_blocks, geometry(net)["depth"], "--probe-blocks")
-    build_student(distill.student, distill.model_kwargs, teacher_info=info, teacher_model=net,
-                  probe_on=distill.probe_weight > 0)
+    net, info = load_checkpoint(teacher, teacher=True)
+    student = build_student(distill.student, distill.model_kwargs, teacher_info=info, teacher_model=net)[0]
+    probe_plan(distill, net, student, info)  # --probe-blocks, and a student whose maps cannot be compared
 
 
 def _lock(out: Path):

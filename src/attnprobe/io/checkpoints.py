@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import AttnprobeError
-from ..models import build_model
+from ..models import build_model, is_cls_vit
 from .atomic import replacing
 
 CHECKPOINT_FORMAT = "attnprobe-checkpoint"
@@ -58,11 +58,15 @@ def read_checkpoint(path) -> dict:
     return ckpt
 
 
-def load_checkpoint(path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """(timm model in eval mode, info dict) from a checkpoint written by attnprobe."""
+def load_checkpoint(path, device: str | torch.device = "cpu", *, teacher: bool = False) -> tuple[nn.Module, dict]:
+    """(timm model in eval mode, info dict) from a checkpoint written by attnprobe. With `teacher`, the model
+    must be a CLS-token ViT (the probe reads its attention); a student may be any timm classifier."""
     ckpt = read_checkpoint(path)
     info = ckpt["info"]
     model = build_model(info["arch"], info["model_kwargs"], info["num_classes"],
-                        layer_norm_eps=info.get("layer_norm_eps"))
+                        layer_norm_eps=info.get("layer_norm_eps"), vit=False)
+    if teacher and not is_cls_vit(model):
+        raise AttnprobeError(f"{path} holds a {info['arch']} {info.get('role', 'model')}, not a ViT with a CLS token; "
+                             "a teacher must be one (the probe reads its attention): pass a ViT checkpoint")
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), info

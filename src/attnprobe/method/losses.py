@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .probe_maps import area_resize, coarser_grid
+
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
             sample_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,11 +50,22 @@ class NoiseAdaptation(nn.Module):
         return F.nll_loss(noisy.clamp_min(1e-12).log(), teacher_pred)
 
 
-def probe_distill_loss(teacher_sims: list[torch.Tensor], student_sims: list[torch.Tensor]) -> torch.Tensor:
-    """Mean squared difference of CLS-to-patch similarity vectors over layers, batch and patches."""
-    if len(teacher_sims) != len(student_sims):
+def probe_distill_loss(teacher_maps: list[torch.Tensor], student_maps: list[torch.Tensor]) -> torch.Tensor:
+    """Mean squared difference of CLS-to-patch similarity maps over layers, batch and positions.
+
+    Each pair is (B, P) vectors on one token grid, or (B, h, w) maps; maps on different grids are both
+    brought to the coarser grid, axis by axis, by area interpolation first (probe_maps.py)."""
+    if len(teacher_maps) != len(student_maps):
         raise ValueError("teacher and student must be tapped at the same number of layers")
-    return torch.stack([F.mse_loss(s.float(), t.float()) for t, s in zip(teacher_sims, student_sims)]).mean()
+    terms = []
+    for t, s in zip(teacher_maps, student_maps):
+        if t.shape != s.shape:
+            if t.dim() != 3 or s.dim() != 3:
+                raise ValueError(f"similarity vectors of different lengths ({t.shape}, {s.shape}): pass (B, h, w) maps")
+            grid = coarser_grid(t.shape[-2:], s.shape[-2:])
+            t, s = area_resize(t, grid), area_resize(s, grid)
+        terms.append(F.mse_loss(s.float(), t.float()))
+    return torch.stack(terms).mean()
 
 
 def class_weights(prob_sums, num_classes: int) -> list[float]:

@@ -137,7 +137,9 @@ def _check_model(name: str, model_kwargs: dict) -> None:
 
 @dataclass(kw_only=True)
 class DistillSettings(_TrainSettings):
-    student: str = setting("ap_digits_student", "preset or timm ViT name")
+    student: str = setting("ap_digits_student", "preset or timm model name: a ViT on the teacher's patch grid or "
+                                                "another, or any timm image classifier (tried: resnet18, "
+                                                "mobilenetv3_small_100, convnext_atto, efficientvit_b0; README)")
     epochs: int | None = setting(None, "epochs to train (or --steps)", check=_AT_LEAST_1)
     lr: float = setting(7.5e-4, "peak learning rate (AdamW)", check=_POSITIVE)
     weight_decay: float = setting(0.025, "AdamW weight decay", check=_NOT_NEGATIVE)
@@ -146,7 +148,9 @@ class DistillSettings(_TrainSettings):
                                         "epoch (data that fits in RAM, --workers 0); the decoded selection does "
                                         "not need it", runtime=True)
     temperature: float = setting(4.0, "KD temperature", check=_POSITIVE)
-    probe_weight: float = setting(0.8, "weight of the probe-distillation loss (0: off)", check=_NOT_NEGATIVE)
+    probe_weight: float | None = setting(None, "weight of the probe-distillation loss (0: off; default: 0.8 for a "
+                                               "ViT student, and for other students the default README measured)",
+                                         check=_NOT_NEGATIVE)
     probe_blocks: list[int] | None = setting(None, "teacher blocks (0-based) whose outputs are matched; student "
                                                    "blocks mapped proportionally", check=_BLOCK,
                                             unique=True)
@@ -200,7 +204,9 @@ class DistillSettings(_TrainSettings):
 @dataclass(kw_only=True)
 class DaflSettings(Settings):
     """DAFL (attnprobe dafl): DAFL's MNIST defaults but for the batch (halved) and lr_G (see datafree.py)."""
-    student: str = setting("ap_digits_student", "preset or timm ViT name")
+    student: str = setting("ap_digits_student", "preset or timm model name: a ViT on the teacher's patch grid or "
+                                                "another, or any timm image classifier (tried: resnet18, "
+                                                "mobilenetv3_small_100, convnext_atto, efficientvit_b0; README)")
     model_kwargs: dict = setting({}, "student constructor overrides, values as Python literals, e.g. embed_dim=128",
                                  metavar="K=V")
     epochs: int = setting(MISSING, "epochs to train", check=_AT_LEAST_1)

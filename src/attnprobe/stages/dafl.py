@@ -99,11 +99,10 @@ def dafl(*, teacher, out, test=None, settings) -> dict:
     recorded = recorded_settings(s)
     device = pick_device(s.device)
     seed_everything(s.seed)
-    teacher_net, t_info = load_checkpoint(teacher, device)
+    teacher_net, t_info = load_checkpoint(teacher, device, teacher=True)
     teacher_sha256 = file_sha256(teacher)
     teacher_net.eval().requires_grad_(False)
-    net, arch, kwargs = build_student(s.student, s.model_kwargs, teacher_info=t_info, teacher_model=teacher_net,
-                                      probe_on=False)
+    net, arch, kwargs = build_student(s.student, s.model_kwargs, teacher_info=t_info, teacher_model=teacher_net)
     net = net.to(device)
     t_geo = geometry(teacher_net)
     generator = Generator(img_size=t_geo["img_size"], in_chans=t_geo["in_chans"], latent_dim=s.latent_dim,
@@ -119,7 +118,7 @@ def dafl(*, teacher, out, test=None, settings) -> dict:
     info = describe(net, arch, kwargs, t_info["classes"], t_info["mean"], t_info["std"], role="student",
                     method="dafl", teacher=os.path.abspath(teacher), teacher_accuracy=t_info.get("accuracy"),
                     selected_on="fidelity", fidelity_images=s.fidelity_images, steps=steps,
-                    teacher_sha256=teacher_sha256, settings=recorded)
+                    teacher_sha256=teacher_sha256, settings=recorded, input_from=t_info)
     run = RunDir(out, resume=bool(s.resume), overwrite=s.overwrite)
     objects = {"model": net, "optimizer": optimizer, "scheduler": scheduler, "generator": generator,
                "generator_optimizer": g_optimizer}

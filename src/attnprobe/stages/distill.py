@@ -16,8 +16,9 @@ from ..io.images import eval_transform
 from ..io.jsonfiles import field
 from ..io.selection import read_selection, selected_paths, summary_path
 from ..method.losses import NoiseAdaptation
-from ..method.probe import check_blocks, default_distill_blocks, map_blocks
-from ..models import build_student, describe, geometry
+from ..method.probe import check_blocks, default_distill_blocks
+from ..method.probe_maps import DEFAULT_PROBE_WEIGHT, student_probe_layers
+from ..models import build_student, describe, geometry, input_shape, student_kind
 from ..training.distributed import init_distributed, is_main, rank
 from ..training.engine import DistillModel, distill_one_epoch
 from ..training.loop import RunDir, batches_per_epoch, ddp, eval_loader, fit, lr_schedule, measure_top1
@@ -67,16 +68,12 @@ def distill(*, teacher, wild, selection, out, test=None, settings) -> dict:
     device = init_distributed(s.device)
     progress = s.progress and is_main()
     seed_everything(s.seed)
-    teacher_net, t_info = load_checkpoint(teacher, device)
+    teacher_net, t_info = load_checkpoint(teacher, device, teacher=True)
     teacher_sha256 = file_sha256(teacher)
     teacher_net.eval().requires_grad_(False)
-    t_depth = geometry(teacher_net)["depth"]
-    t_blocks = check_blocks(s.probe_blocks if s.probe_blocks else default_distill_blocks(t_depth), t_depth,
-                            "--probe-blocks") if s.probe_weight > 0 else []
-    net, arch, kwargs = build_student(s.student, s.model_kwargs, teacher_info=t_info, teacher_model=teacher_net,
-                                      probe_on=s.probe_weight > 0)
+    net, arch, kwargs = build_student(s.student, s.model_kwargs, teacher_info=t_info, teacher_model=teacher_net)
     net = net.to(device)
-    s_blocks = map_blocks(t_blocks, t_depth, geometry(net)["depth"])
+    probe = probe_plan(s, teacher_net, net, t_info)
 
     paths, summary, members = read_selection(selection, wild, teacher_sha256=teacher_sha256)
     weights = None
@@ -103,7 +100,8 @@ def distill(*, teacher, wild, selection, out, test=None, settings) -> dict:
     info = describe(net, arch, kwargs, t_info["classes"], t_info["mean"], t_info["std"], role="student",
                     teacher=os.path.abspath(teacher), selection=os.path.abspath(selection),
                     teacher_accuracy=t_info.get("accuracy"), resize=s.resize, selected_on=s.select_on,
-                    holdout=data.held, teacher_sha256=teacher_sha256, settings=recorded, epochs=epochs, steps=steps)
+                    holdout=data.held, teacher_sha256=teacher_sha256, settings=recorded, epochs=epochs, steps=steps,
+                    input_from=t_info, probe=probe)
     run = RunDir(out, resume=bool(s.resume), overwrite=s.overwrite)
     objects = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
     if noise:
@@ -122,12 +120,33 @@ def distill(*, teacher, wild, selection, out, test=None, settings) -> dict:
     return fit(run, info, objects, resumed, epochs, loader,
                lambda: distill_one_epoch(model, teacher_net, loader, optimizers, device,
                                          temperature=s.temperature, noise_weight=s.noise_weight, class_weights=weights,
-                                         probe_weight=s.probe_weight, teacher_blocks=t_blocks,
-                                         student_blocks=s_blocks, probe_variant=s.probe_variant, progress=progress,
+                                         probe_weight=probe["weight"], teacher_blocks=probe["teacher_blocks"],
+                                         student_layers=probe["student_layers"], probe_variant=s.probe_variant,
+                                         progress=progress,
                                          max_batches=steps - loader.sampler.epoch * per_epoch),
                lambda: {**measure_fidelity(net), **measure_top1(test_loaders, net, device, progress)},
                "fidelity" if s.select_on == "fidelity" else "test_top1",
                lambda row: {"fidelity": row.get("fidelity"), "accuracy": row.get("test_top1")})
+
+
+def probe_plan(s, teacher_net, student, t_info: dict) -> dict:
+    """What the probe term compares: its weight (--probe-weight, or the default for this kind of student), the
+    teacher blocks, the student layer matched to each (ViT blocks or CNN stages, method/probe_maps.py) and the
+    grid of each student map. Refuses what cannot be compared, before any image is decoded."""
+    t_geo = geometry(teacher_net)
+    kind = student_kind(student, teacher_net)
+    weight = s.probe_weight if s.probe_weight is not None else DEFAULT_PROBE_WEIGHT[kind]
+    plan = {"kind": kind, "weight": weight, "teacher_blocks": [], "student_layers": [], "student_grids": [],
+            "teacher_grid": list(t_geo["grid_size"])}
+    if weight <= 0:
+        return plan
+    if kind == "no-cls" and s.probe_variant != "cosine":
+        raise AttnprobeError(f"--probe-variant {s.probe_variant} normalises along a ViT's tokens; a student without "
+                             "a CLS token has only the cosine map: drop --probe-variant")
+    depth = t_geo["depth"]
+    blocks = check_blocks(s.probe_blocks if s.probe_blocks else default_distill_blocks(depth), depth, "--probe-blocks")
+    layers, grids = student_probe_layers(student, blocks, depth, input_shape(t_info), vit=kind != "no-cls")
+    return {**plan, "teacher_blocks": blocks, "student_layers": layers, "student_grids": [list(g) for g in grids]}
 
 
 def _noise_adaptation(s, t_info: dict, device) -> NoiseAdaptation | None:

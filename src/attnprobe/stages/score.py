@@ -48,7 +48,7 @@ def score(*, teacher, wild, out, settings: ScoreSettings) -> dict:
         return score_shards(teacher=teacher, wild=wild, out=out, settings=settings)
     with score_parts.joined(settings) as device:
         rank = distributed.rank()
-        model, info = load_checkpoint(teacher, "cpu")
+        model, info = load_checkpoint(teacher, "cpu", teacher=True)
         blocks = probe_blocks(model, settings.blocks)
         paths = PathList.from_dir(wild)
         n_chunks = math.ceil(len(paths) / settings.chunk_size)

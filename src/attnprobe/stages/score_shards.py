@@ -162,7 +162,7 @@ def score_shards(*, teacher, wild, out, settings: ScoreSettings) -> dict:
     Returns the table's metadata with `scored`, `skipped`, `rows`, `skipped_csv`, `rank`, `shards`."""
     with score_parts.joined(settings) as device:
         rank = distributed.rank()
-        model, info = load_checkpoint(teacher, "cpu")
+        model, info = load_checkpoint(teacher, "cpu", teacher=True)
         blocks = probe_blocks(model, settings.blocks)
         shards = list_shards(wild)
         parts = parts_dir(out)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..errors import AttnprobeError
 from ..io.datasets import Unreadable
 from ..method.losses import NoiseAdaptation, kd_loss, probe_distill_loss
-from ..method.probe import BlockTaps
+from ..method.probe_maps import ProbeTaps
 from .distributed import all_gather_object, all_reduce_sum, is_main
 
 
@@ -133,10 +133,14 @@ class DistillModel(nn.Module):
 def distill_one_epoch(model: nn.Module, teacher: nn.Module, loader, optimizers: list, device, *,
                       temperature: float = 4.0, noise_weight: float = 1.0,
                       class_weights: torch.Tensor | None = None, probe_weight: float = 0.8,
-                      teacher_blocks=(), student_blocks=(), probe_variant: str = "cosine",
+                      teacher_blocks=(), student_layers=(), probe_variant: str = "cosine",
                       progress: bool = True, max_batches: int | None = None) -> dict:
     """loss = KD(T) [robust: weighted by the class weight of the teacher's argmax]
             + noise_weight * noise adaptation NLL + probe_weight * probe-distillation MSE.
+
+    The probe term compares the teacher's CLS-to-patch map at each of `teacher_blocks` with the student's map at
+    the matching entry of `student_layers` (ViT block indices, or stage module names of a network without a CLS
+    token; method/probe_maps.py), on the coarser of their two grids.
 
     `model`: a DistillModel (student + optional noise adaptation), possibly wrapped in
     DistributedDataParallel. `teacher`: not trained (eval mode, no grad), never wrapped.
@@ -149,19 +153,19 @@ def distill_one_epoch(model: nn.Module, teacher: nn.Module, loader, optimizers: 
     meter = Mean(device)
     failed = []
     # The hooks are registered once for the epoch; each forward overwrites what they keep.
-    with BlockTaps(teacher, output_blocks=teacher_blocks if use_probe else ()) as t_taps, \
-            BlockTaps(student, output_blocks=student_blocks if use_probe else ()) as s_taps:
+    with ProbeTaps(teacher, teacher_blocks if use_probe else (), probe_variant) as t_taps, \
+            ProbeTaps(student, student_layers if use_probe else (), probe_variant) as s_taps:
         # islice stops before fetching the batch past the last step (None: the whole epoch)
         for images, _ in itertools.islice(_batches(loader, "distill", progress, failed), max_batches):
             images = images.to(device, non_blocking=True)
             with torch.no_grad():
                 t_logits = teacher(images).float()
-                t_sims = t_taps.similarities(probe_variant) if use_probe else []
+                t_maps = t_taps.maps() if use_probe else []
                 t_pred = t_logits.argmax(dim=1)
             s_logits, noise_nll = model(images, t_pred)
-            s_sims = s_taps.similarities(probe_variant) if use_probe else []
-            t_taps.outputs.clear()
-            s_taps.outputs.clear()
+            s_maps = s_taps.maps() if use_probe else []
+            t_taps.clear()
+            s_taps.clear()
             weights = class_weights[t_pred] if class_weights is not None else None
             terms = {"kd": kd_loss(s_logits, t_logits, temperature, weights)}
             loss = terms["kd"]
@@ -169,7 +173,7 @@ def distill_one_epoch(model: nn.Module, teacher: nn.Module, loader, optimizers: 
                 terms["noise"] = noise_nll
                 loss = loss + noise_weight * noise_nll
             if use_probe:
-                terms["probe"] = probe_distill_loss(t_sims, s_sims)
+                terms["probe"] = probe_distill_loss(t_maps, s_maps)
                 loss = loss + probe_weight * terms["probe"]
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
