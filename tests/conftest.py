@@ -90,3 +90,13 @@ def teacher_ckpt(image_root, tmp_path_factory):
     train_teacher(image_root / "data", out=out, model=arch, model_kwargs=kwargs, epochs=4, batch_size=16, lr=2e-3,
                   workers=0, progress=False)
     return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def wild_selection(teacher_ckpt, image_root, tmp_path_factory):
+    """20 images of the wild pool selected by the tiny teacher (the default strategy)."""
+    from attnprobe import api
+    d = tmp_path_factory.mktemp("wild_selection")
+    api.score(teacher_ckpt, image_root / "wild", d / "scores.parquet", workers=0, progress=False, device="cpu")
+    api.select(d / "scores.parquet", out=d / "sel.parquet", num_select=20)
+    return d / "sel.parquet"

@@ -1,5 +1,9 @@
 """Export a checkpoint for use without attnprobe: a timm or transformers folder, or one ONNX file.
 
+A transformers folder holds a CLS-token ViT as transformers' own ViT/DeiT (io/convert.py); any other student (a
+CNN, a ViT without a CLS token) is written as a timm folder, which transformers loads through its timm wrapper
+(TimmWrapperForImageClassification: config.json's `pretrained_cfg` marks it, and also feeds the image processor).
+
 The export is written to a hidden sibling of `out` (io.atomic), loaded back with its own library and compared with the
 checkpoint's model, and only then renamed onto `out`: a failed or interrupted export leaves nothing behind.
 """
@@ -17,6 +21,7 @@ from ..errors import AttnprobeError
 from ..io.atomic import remove_stale, replacing, replacing_dir
 from ..io.checkpoints import load_checkpoint
 from ..io.lock import hold
+from ..models import fixed_input_size, geometry, is_cls_vit
 from ..settings import ExportSettings
 
 # Beyond attnprobe's own dependencies (timm brings huggingface_hub and safetensors). The TorchScript ONNX
@@ -54,21 +59,35 @@ def _export(checkpoint, out: Path, format: str, settings: ExportSettings) -> dic
         raise AttnprobeError(f"{out} exists; pass a new path or remove it")
     model, info = load_checkpoint(checkpoint)
     model = model.float()
-    if format == "timm" and info.get("layer_norm_eps") not in (None, TIMM_EPS):
+    if _timm_folder(format, model) and info.get("layer_norm_eps") not in (None, TIMM_EPS):
+        other = "transformers or onnx" if format == "timm" and is_cls_vit(model) else "onnx"
         raise AttnprobeError(f"{checkpoint} uses LayerNorm eps {info['layer_norm_eps']:g}, which a timm config "
-                             "cannot express; export --format transformers or onnx instead")
+                             f"cannot express; export --format {other} instead")
+    if format == "transformers" and _timm_folder(format, model) and not _has_timm_wrapper():
+        raise AttnprobeError(f"export --format transformers writes a {info['arch']} for transformers' timm wrapper, "
+                             "which this transformers lacks: pip install -U 'transformers>=4.48'")
     remove_stale(out)  # leftovers of a killed export
     # written beside `out`, checked there, and only then renamed onto it: a failed check leaves nothing
     with (replacing(out) if format == "onnx" else replacing_dir(out)) as tmp:
         _WRITERS[format](model, info, tmp)
         if tmp.is_dir():
-            (tmp / "README.md").write_text(_model_card(info, format, out.name))
+            (tmp / "README.md").write_text(_model_card(model, info, format, out.name))
         diff = _CHECKERS[format](model, info, tmp) if settings.check else None
         if diff is not None and not diff <= TOLERANCE:  # NaN fails too
             raise AttnprobeError(f"the {format} export's logits differ from the checkpoint's by {diff:.2e} "
                                  f"(> {TOLERANCE:g}); this is a bug, please report it with the checkpoint")
     files = sorted(str(p) for p in out.iterdir()) if out.is_dir() else [str(out)]
     return {"format": format, "out": str(out), "max_abs_diff": diff, "files": files}
+
+
+def _timm_folder(format: str, model) -> bool:
+    """Whether the export is a timm folder: --format timm, or transformers for a model without a CLS token (which
+    transformers' ViT cannot hold: its timm wrapper loads the timm folder instead)."""
+    return format == "timm" or format == "transformers" and not is_cls_vit(model)
+
+
+def _has_timm_wrapper() -> bool:
+    return importlib.util.find_spec("transformers.models.timm_wrapper") is not None
 
 
 def _input_size(info) -> tuple[int, int, int]:
@@ -98,6 +117,9 @@ def _write_timm(model, info, path: Path) -> None:
 
 
 def _write_transformers(model, info, path: Path) -> None:
+    if _timm_folder("transformers", model):
+        _write_timm(model, info, path)  # transformers wraps it as TimmWrapperForImageClassification
+        return
     from safetensors.torch import save_file
 
     from ..io.convert import timm_to_transformers
@@ -131,32 +153,64 @@ def _write_onnx(model, info, path: Path) -> None:
 
 _USAGE = {
     "timm": 'import timm\nmodel = timm.create_model("local-dir:{0}", pretrained=True).eval()  # or "hf-hub:<repo>"',
-    "transformers": ("from transformers import AutoImageProcessor, AutoModelForImageClassification\n"
+    "transformers": ("from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline\n"
                      'processor = AutoImageProcessor.from_pretrained("{0}")\n'
-                     'model = AutoModelForImageClassification.from_pretrained("{0}").eval()'),
+                     'model = AutoModelForImageClassification.from_pretrained("{0}").eval()\n'
+                     'classify = pipeline("image-classification", model="{0}")  # processor and model in one'),
 }
+# a timm folder in transformers: what it is loaded as, and that timm reads it too
+_WRAPPED = ("\n# a timm model, which transformers wraps as TimmWrapperForImageClassification (needs timm);\n"
+            '# timm loads the same folder: timm.create_model("local-dir:{0}", pretrained=True)')
 
 
-def _model_card(info, library: str, name: str) -> str:
+def _model_card(model, info, format: str, name: str) -> str:
     c, h, w = _input_size(info)
     acc = lambda a: "not measured" if a is None else f"{100 * a:.2f}%"  # noqa: E731
-    lines = ["---", f"library_name: {library}", "pipeline_tag: image-classification", "tags:",
-             "- image-classification", "- attnprobe", "---", "",
+    wrapped = format == "transformers" and _timm_folder(format, model)
+    lines = ["---", f"library_name: {format}", "pipeline_tag: image-classification", "tags:",
+             "- image-classification", "- attnprobe", *(["- timm"] if wrapped else []), "---", "",
              f"# {info['arch']} {info.get('role', 'model')} (attnprobe)", "",
-             f"- architecture: `{info['arch']}` with `{json.dumps(info['model_kwargs'], default=str)}`, "
-             f"{info['params']:,} parameters",
+             (f"- architecture: `{info['arch']}` ({_network(model)}) with "
+              f"`{json.dumps(info['model_kwargs'], default=str)}`, {info['params']:,} parameters"),
              f"- top-1 accuracy: {acc(info.get('accuracy'))}"]
     if info.get("teacher"):
         lines.append(f"- distilled by attnprobe from the teacher `{os.path.basename(info['teacher'])}` "
                      f"(top-1 accuracy {acc(info.get('teacher_accuracy'))})")
+        lines += _probe_lines(info.get("probe"))
     if info.get("selection"):
         lines.append(f"- training images: the selection `{os.path.basename(info['selection'])}`")
+    # a CNN takes other sizes too, but was trained (and is checked) at this one
+    other_sizes = "" if fixed_input_size(info["arch"]) else " (trained at this size; the network runs on others too)"
+    resize = f"resize the shorter side to {h} (bilinear), centre-crop" if h == w else f"resize to {h} x {w} (bilinear)"
+    usage = _USAGE[format].format(name) + (_WRAPPED.format(name) if wrapped else "")
+    norm = f"scale to [0, 1], normalise with mean {info['mean']} and std {info['std']}"
     lines += [f"- classes ({len(info['classes'])}): {', '.join(info['classes'])}",
-              f"- input: {c} x {h} x {w}; " + (f"resize the shorter side to {h} (bilinear), centre-crop" if h == w
-                                                else f"resize to {h} x {w} (bilinear)") + ", scale to [0, 1], "
-              f"normalise with mean {info['mean']} and std {info['std']}", "", "## Usage", "", "```python",
-              _USAGE[library].format(name), "```", ""]
+              f"- input: {c} x {h} x {w}{other_sizes}; {resize}, {norm}", "", "## Usage", "", "```python", usage, "```",
+              ""]
     return "\n".join(lines)
+
+
+def _network(model) -> str:
+    """What kind of network the card describes: the timm class, and a ViT's token grid."""
+    if is_cls_vit(model):
+        rows, cols = geometry(model)["grid_size"]
+        return f"timm `{type(model).__name__}`, CLS token, {rows} x {cols} patch grid"
+    return f"timm `{type(model).__name__}`, no CLS token"
+
+
+def _probe_lines(probe: dict | None) -> list[str]:
+    """The probe term a student was distilled with (checkpoints record the plan), in one line."""
+    if not probe or not probe.get("teacher_blocks"):
+        return []
+    layers = ", ".join(map(str, probe["student_layers"]))
+    grids = ", ".join(f"{r}x{c}" for r, c in probe["student_grids"])
+    no_cls = probe["kind"] == "no-cls"
+    what = ("pooled-feature cosine maps of the student's stages" if no_cls
+            else "CLS-to-patch cosine maps of the student's blocks")
+    blocks = ", ".join(map(str, probe["teacher_blocks"]))
+    line = (f"- probe term (weight {probe['weight']:g}): the teacher's CLS-to-patch cosine maps at blocks {blocks} "
+            f"against the {what} {layers} ({grids}), compared on the coarser grid")
+    return [line]
 
 
 def _logits_diff(model, info, run, batch_sizes=(2,)) -> float:
