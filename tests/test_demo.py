@@ -9,8 +9,14 @@ from attnprobe.app.cli import main
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
+def demo_root(tmp_path_factory):
+    """One cache for the module's demos: the benchmark and the teacher are built once, by the first."""
+    return tmp_path_factory.mktemp("demo")
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_root):
+    root = demo_root
     assert main(["demo", "--quick", "--out", str(root / "run"), "--cache", str(root / "cache"), "--workers", "0"]) == 0
     return root / "run"
 
@@ -118,3 +124,48 @@ def test_report_of_a_damaged_or_moved_demo_is_one_line(demo_run, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (run / "report.html").exists()
+
+
+def test_quick_students(demo_root, capsys):
+    """`demo --quick --students`: the student rows only, 2 seeds each, their probe weights, architectures and grids
+    as the checkpoints record them, their costs beside the teacher's, and the report's table."""
+    from attnprobe.app.demo_students import STUDENT_ROWS
+    from attnprobe.io.checkpoints import read_checkpoint
+    run = demo_root / "students"
+    assert main(["demo", "--quick", "--students", "--out", str(run), "--cache", str(demo_root / "cache"),
+                 "--workers", "0"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["students"] and [r["name"] for r in results["rows"]] == list(STUDENT_ROWS)
+    assert not (run / "student-labels").exists() and not (run / "select-random-seed0.parquet").exists()
+    t = results["teacher"]["cost"]
+    assert t["params"] == results["teacher"]["params"] and t["flops"] > 0 and t["images_per_s"] > 0
+    for r in results["rows"]:
+        assert r["seeds"] == [0, 1] and len(r["test_top1"]) == 2 and r["steps"] == results["config"]["student"]["steps"]
+        assert r["top1"] == pytest.approx(sum(r["test_top1"]) / 2) and r["selected_on"] == "fidelity"
+        assert r["cost"]["params"] > 0 and r["cost"]["flops"] > 0 and r["cost"]["images_per_s"] > 0
+        assert r["teacher"] == t and r["vs_teacher"]["images_per_s"] == pytest.approx(
+            r["cost"]["images_per_s"] / t["images_per_s"])
+        probe = 0.8 if r["name"].endswith("-probe") else 0.0
+        assert r["probe_weight"] == [probe, probe]
+        for seed in r["seeds"]:
+            info = read_checkpoint(run / f"student-{r['name']}" / f"seed{seed}" / "best.pt")["info"]
+            assert info["probe"]["weight"] == probe and info["settings"]["probe_weight"] == probe
+            assert info["steps"] == r["steps"] and info["arch"] == r["student"]
+            assert info["params"] == r["cost"]["params"]
+            assert info["arch"] == ("resnet18" if r["name"].startswith("cnn") else "vit_tiny_patch16_224")
+            assert info["settings"]["noise_adaptation"] == (r["name"] != "cnn-kd-original")
+            assert info["selection"].endswith("select-original.parquet" if r["name"] == "cnn-kd-original"
+                                              else "select-attnprobe-rank.parquet")
+            if r["name"] == "vit-2x2-probe":
+                assert info["probe"]["student_grids"] and all(g == [2, 2] for g in info["probe"]["student_grids"])
+            if r["name"] == "vit-4x4-probe":
+                assert all(g == [4, 4] for g in info["probe"]["student_grids"])
+    rows = {r["name"]: r for r in results["rows"]}
+    assert rows["cnn-kd"]["cost"]["params"] == 126_066 and rows["vit-4x4-probe"]["cost"]["params"] == 116_938
+    assert rows["vit-2x2-kd"]["structure"]["grid"] == [2, 2] and rows["cnn-kd"]["structure"]["kind"] == "CNN"
+    html = (run / "report.html").read_text()
+    assert "Students against the teacher" in html and html.count("<table>") == 1
+    assert all(f"<td>{name}</td>" in html for name in STUDENT_ROWS) and "images/s x teacher" in html
+    assert html.count("data:image/png;base64,") == 2 and "the probe loss" in html
+    (run / "report.html").unlink()
+    assert main(["report", str(run)]) == 0 and (run / "report.html").read_text().count("<td>cnn-probe</td>") == 1

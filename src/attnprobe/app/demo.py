@@ -5,6 +5,10 @@ and as many non-digits (photo crops, faces, noise); one score pass; the same K s
 strategy; then every row of Table 1 (demo_rows.ROWS), each with several seeds and the same number of
 optimizer steps; then report.html and results.json. Every number in the report comes from this run.
 
+With `--students` (demo_students.py) the same benchmark, teacher and score pass, but only the default
+selection and other students instead of the table's rows: a small CNN and a ViT on a coarser token grid, with
+and without the probe loss, against the demo's ViT student, and what each costs against the teacher.
+
 No epoch is chosen on the test set: the teacher and the labels row on a validation split of the
 training images, every distilled student on its fidelity to the teacher (held-out selected images,
 or generated ones for DAFL). The test set is measured every epoch and only reported.
@@ -31,7 +35,8 @@ from ..io.tables import read_table, write_table
 from ..method.selection import DEFAULT_SELECTION
 from ..settings import DemoSettings, EvaluateSettings, ScoreSettings, SelectSettings, TeacherSettings
 from ..training.loop import batches_per_epoch
-from .demo_rows import FULL_METHOD, ROWS, run_jobs, selection_file
+from .demo_rows import FULL_METHOD, ROWS, mean_sd, run_jobs, selection_file
+from .demo_students import STUDENT_ROWS, STUDENT_RUNS, measure_costs, student_jobs, summarize_students
 
 # The two sizes of run; each stage's settings as the API takes them. The models are the digits presets
 # with 7x7 patches (16 tokens: a teacher step costs 2.3 times less than with 4x4 patches). The teacher
@@ -177,14 +182,21 @@ def _run_demo(out: Path, settings: DemoSettings, cache: Path, progress: bool, qu
     from .demo_data import build_digits_benchmark, load_sources
     from .report import write_report
 
-    cfg = RUNS["quick" if quick else "full"]
+    size = "quick" if quick else "full"
+    cfg = RUNS[size]
     out.mkdir(parents=True, exist_ok=True)
     cores = available_cores()  # affinity and a container's CPU quota, not the host's count
     jobs = settings.jobs or min(cores, 8)
     seeds = [seed + k for k in range(cfg["seeds"])]
-    rows = {**{n: ROWS[n] for n in ("labels", "kd-original", "dafl")},
-            **{n: ROWS.get(n, ("selection", f"wild selection ({n})", FULL_METHOD)) for n in selections()},
-            "all": ROWS["all"]}
+    if settings.students:  # only the default selection and the student rows (demo_students.py)
+        picks = {n: kw for n, kw in selections().items() if n == DEFAULT_SELECTION["name"]}
+        rows = {n: (spec["kind"], "", spec["method"]) for n, spec in STUDENT_ROWS.items()}
+        cfg = dict(cfg, student=dict(cfg["student"], **STUDENT_RUNS[size]["student"]), cost=STUDENT_RUNS[size]["cost"])
+    else:
+        picks = selections()
+        rows = {**{n: ROWS[n] for n in ("labels", "kd-original", "dafl")},
+                **{n: ROWS.get(n, ("selection", f"wild selection ({n})", FULL_METHOD)) for n in picks},
+                "all": ROWS["all"]}
     clock = Clock(COST["teacher"] + 1 + sum(COST.get(n, 1) for n in rows) * len(seeds), quiet)
     t0 = time.time()
 
@@ -202,7 +214,7 @@ def _run_demo(out: Path, settings: DemoSettings, cache: Path, progress: bool, qu
     api.score(teacher, wild, out / "scores.parquet",
               settings=ScoreSettings(batch_size=256, workers=workers, device="cpu", progress=progress))
     scores, meta = read_table(out / "scores.parquet")
-    for name, kw in selections().items():
+    for name, kw in picks.items():
         for s in (seeds if name == "random" else seeds[:1]):
             api.select(out / "scores.parquet", out=selection_file(out, name, s),
                        settings=SelectSettings.build(num_select=cfg["num_select"], **{**kw, "seed": s}))
@@ -223,25 +235,28 @@ def _run_demo(out: Path, settings: DemoSettings, cache: Path, progress: bool, qu
                 workers=workers, threads=max(1, cores // jobs), student=cfg["student"], dafl=dafl_cfg,
                 val_split=cfg["teacher"]["val_split"], labels_epochs=labels_epochs)
     order = ["dafl"] + [n for n in rows if n != "dafl"]  # the slowest first, so the pool ends together
-    todo = [dict(base, row=n, seed=s, selection=str(out / "select-original.parquet" if n == "kd-original"
-                                                     else selection_file(out, n, s)))
-            for n in order for s in seeds]
+    todo = (student_jobs(base, seeds, out, DEFAULT_SELECTION["name"]) if settings.students else
+            [dict(base, row=n, seed=s, selection=str(out / "select-original.parquet" if n == "kd-original"
+                                                      else selection_file(out, n, s)))
+             for n in order for s in seeds])
     clock(f"[3/4] {len(todo)} students ({len(rows)} rows x {len(seeds)} seeds, {steps} steps each), {jobs} at a time")
     results = run_jobs(todo, jobs, lambda r: clock(f"  {r['row']} seed {r['seed']}: test top-1 {r['test_top1']:.4f} "
                                                    f"({r['seconds']:.0f} s)", COST.get(r["row"], 1)))
 
     clock("[4/4] report")
-    summary = summarize(out, rows, results, teacher_info, load_sources(cache), bench, cfg, quick, seeds,
-                        time.time() - t0)
+    if settings.students:  # the models' costs measured side by side, now that no training runs
+        costs = measure_costs({"teacher": teacher, **{n: out / f"student-{n}" / f"seed{seeds[0]}" / "best.pt"
+                                                      for n in rows}}, **cfg["cost"])
+        summary = summarize_students(out, results, costs, teacher_info, load_sources(cache), bench, cfg, quick,
+                                     seeds, time.time() - t0, DEFAULT_SELECTION["name"])
+    else:
+        summary = summarize(out, rows, results, teacher_info, load_sources(cache), bench, cfg, quick, seeds,
+                            time.time() - t0)
     write_json(out / "results.json", summary)
     write_report(out)
     if not quiet:
         print(f"done in {_mmss(time.time() - t0)}: {out / 'report.html'}")
     return summary
-
-
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def summarize(out: Path, rows: dict, results: list[dict], teacher_info: dict, sources, bench, cfg, quick, seeds,
@@ -256,7 +271,7 @@ def summarize(out: Path, rows: dict, results: list[dict], teacher_info: dict, so
     for name, (kind, data, method) in rows.items():
         runs = sorted((r for r in results if r["row"] == name), key=lambda r: r["seed"])
         top1 = [r["test_top1"] for r in runs]
-        mean, sd = _mean_sd(top1)
+        mean, sd = mean_sd(top1)
         row = {"name": name, "kind": kind, "data": data, "method": method, "seeds": [r["seed"] for r in runs],
                "test_top1": top1, "top1": mean, "top1_sd": sd, "relative_top1": mean / teacher_test,
                "steps": runs[0]["steps"], "selected_on": runs[0]["selected_on"],

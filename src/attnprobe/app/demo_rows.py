@@ -13,6 +13,7 @@ of these tiny models do more per second than one with two threads.
 from __future__ import annotations
 
 import multiprocessing
+import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -30,6 +31,20 @@ ROWS = {
     "all": ("wild", "every wild image, no selection", "KD + noise adaptation + probe"),
 }
 FULL_METHOD = "KD + noise adaptation + probe"
+PROBE_WEIGHT = 0.8  # the paper's weight of the probe loss: every row sets it (0 or this), none takes the default
+
+
+def distill_overrides(name: str) -> dict:
+    """DistillSettings a table row sets beyond the student's: KD on the original images without noise
+    adaptation or probe, DFND's method without the probe, the full method for the others."""
+    if name == "kd-original":
+        return dict(noise_adaptation=False, probe_weight=0.0)
+    return dict(probe_weight=0.0 if name == "dfnd" else PROBE_WEIGHT)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample sd (0 for one value) of a row's per-seed results."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def selection_file(out: Path, name: str, seed: int) -> Path:
@@ -39,7 +54,9 @@ def selection_file(out: Path, name: str, seed: int) -> Path:
 
 def train_row(job: dict) -> dict:
     """One (row, seed): train its student into OUT/student-<row>/seed<k> and return what results.json keeps.
-    Runs in a worker process: everything it needs is in `job` (paths and settings as plain values).
+    Runs in a worker process: everything it needs is in `job` (paths and settings as plain values). A distilled
+    row's DistillSettings beyond `job["student"]` are `job["distill"]` (default: distill_overrides of the row), and
+    `job["on_original"]` distills on the original training images instead of the wild pool.
 
     The test set is measured once, on the checkpoint the run chose (best.pt): it takes no part in training
     or choosing, and one measurement instead of one per epoch (48 of them for a selection of 1,500) saves
@@ -64,16 +81,13 @@ def train_row(job: dict) -> dict:
         common.pop("cache_images")  # generated images: nothing to cache
         info = api.dafl(job["teacher"], out=run, settings=DaflSettings.build(**job["dafl"], **common))
     else:
-        kw = dict(job["student"], flip=False, **common)
-        if name == "kd-original":
-            kw.update(noise_adaptation=False, probe_weight=0.0)
-        elif name == "dfnd":
-            kw.update(probe_weight=0.0)
-        wild = job["original_train"] if name == "kd-original" else job["wild"]
+        kw = dict(job["student"], flip=False, **common, **job.get("distill", distill_overrides(name)))
+        wild = job["original_train"] if job.get("on_original", name == "kd-original") else job["wild"]
         info = api.distill(job["teacher"], wild, job["selection"], out=run, settings=DistillSettings.build(**kw))
     test_top1 = api.evaluate(run / "best.pt", job["test"], settings=EvaluateSettings(
         workers=job["workers"], device="cpu", progress=False))["top1"]
-    return {"row": name, "seed": seed, "seconds": round(time.time() - t0, 1), "test_top1": test_top1, **chosen(info)}
+    return {"row": name, "seed": seed, "seconds": round(time.time() - t0, 1), "test_top1": test_top1, **chosen(info),
+            "arch": info.get("arch"), "probe": info.get("probe")}
 
 
 def chosen(info: dict) -> dict:

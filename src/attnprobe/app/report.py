@@ -17,6 +17,7 @@ from ..io.tables import read_table
 from ..method.selection import probe_columns, strategy_scores
 from .figures import fig_attention, png, thumb
 from .report_run import write_run_report
+from .report_sections import flops, table
 
 SOURCE_ORDER = ["mnist_heldout", "sklearn_digits", "photo_crops", "faces", "noise"]
 
@@ -123,7 +124,8 @@ def differs(a: dict, b: dict) -> bool:
     return abs(a["top1"] - b["top1"]) > max(a.get("top1_sd", 0.0), b.get("top1_sd", 0.0))
 
 
-def _compare(a: dict, b: dict) -> str:
+def compare(a: dict, b: dict) -> str:
+    """`a` against `b` in words: which wins by how much, or that they are within the spread of their seeds."""
     diff = 100 * (a["top1"] - b["top1"])
     if not differs(a, b):
         return (f"{a['name']} and {b['name']} are within the spread of their seeds ({diff:+.1f} points, sd "
@@ -144,14 +146,14 @@ def findings(results: dict, aurocs: dict) -> list[str]:
     if "random" in rows:
         for r in wild:
             if r["name"] != "random":
-                out.append(f"{_compare(r, rows['random'])} (precision {100 * r['precision']:.0f}% vs "
+                out.append(f"{compare(r, rows['random'])} (precision {100 * r['precision']:.0f}% vs "
                            f"{100 * rows['random']['precision']:.0f}%).")
     for a, b in (("attnprobe", "dfnd"), ("attnprobe", "all"), ("dfnd", "dafl"), ("kd-original", "attnprobe")):
         if a in rows and b in rows:
-            out.append(_compare(rows[a], rows[b]) + ".")
+            out.append(compare(rows[a], rows[b]) + ".")
     default = results.get("default_selection")
     if default in rows and default != "attnprobe" and "attnprobe" in rows:
-        out.append(f"The default selection ({default}): {_compare(rows[default], rows['attnprobe'])}.")
+        out.append(f"The default selection ({default}): {compare(rows[default], rows['attnprobe'])}.")
     for term, a in aurocs.items():
         note = " — inverted: low values pick non-digits" if a < 0.5 else ""
         out.append(f"AUROC of <code>{term}</code> for telling digits from non-digits (low = digit): {a:.2f}{note}.")
@@ -185,6 +187,8 @@ def write_report(run) -> Path:
         raise AttnprobeError(f"{run} has no results.json (a finished `attnprobe demo`) nor config.json (an "
                              "`attnprobe run` folder); pass the output folder of one of them")
     results = _demo_results(run)
+    if results.get("students"):
+        return write_students_report(run, results)
     hists = class_histograms(results, run)  # every side file read before anything is written
     scores, meta = read_table(run / "scores.parquet")
     sources = pd.read_csv(results["pool"]["sources_csv"]).set_index("path").loc[scores.path]
@@ -246,5 +250,110 @@ Run: {'quick' if results['quick'] else 'full'}, {results['seconds']:.0f} s on th
 <h2>Results</h2><table>{head}{''.join(body)}</table>
 <p>Precision: fraction of digits among the selected images (the selector never sees the sources).</p>
 <h2>Findings</h2><ul>{''.join(f'<li>{n}</li>' for n in notes)}</ul>
+<h2>Figures</h2>{images}
+</body></html>"""
+
+
+def fig_cost_top1(results: dict) -> Figure:
+    """Test top-1 (mean ± sd over seeds) against images/s on one CPU thread, the teacher among the students."""
+    t, rows = results["teacher"], results["rows"]
+    fig = Figure(figsize=(10, 4.6), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([t["cost"]["images_per_s"]], [100 * t["top1"]], "k*", markersize=12)
+    ax.annotate("teacher", (t["cost"]["images_per_s"], 100 * t["top1"]), xytext=(8, -3), textcoords="offset points",
+                fontsize=8)
+    for k, r in enumerate(sorted(rows, key=lambda r: (r["cost"]["images_per_s"], r["top1"]))):
+        color = "tab:green" if r["structure"]["kind"] == "CNN" else "tab:orange"
+        x, y = r["cost"]["images_per_s"], 100 * r["top1"]
+        ax.errorbar([x], [y], yerr=[100 * r["top1_sd"]], fmt="o", color=color, capsize=3,
+                    mfc=color if r["probe_weight"][0] else "white")
+        ax.annotate(r["name"], (x, y), xytext=(8, 8 if k % 2 else -12), textcoords="offset points", fontsize=8)
+    ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.12)
+    ax.set_xlabel("images/s (forward passes, one CPU thread; log scale)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title("Accuracy against speed (green: CNN, orange: ViT; filled: with the probe loss; bars: sd over seeds)",
+                 fontsize=9)
+    return fig
+
+
+def student_findings(results: dict) -> list[str]:
+    """Whether the probe loss helps each student beyond the spread of its seeds (as `compare` claims), what the
+    selection gives the CNN against its original images, and each new student against the demo's ViT student."""
+    rows, t = {r["name"]: r for r in results["rows"]}, results["teacher"]
+    out = []
+    for label, with_probe, without in (("the CNN student", "cnn-probe", "cnn-kd"),
+                                       ("the coarse ViT student (2x2 tokens)", "vit-2x2-probe", "vit-2x2-kd")):
+        if with_probe in rows and without in rows:
+            a, b = rows[with_probe], rows[without]
+            verdict = ("does not help beyond the spread of the seeds" if not differs(a, b) else
+                       "helps" if a["top1"] > b["top1"] else "does not help: it hurts")
+            out.append(f"For {label}, the probe loss {verdict}: {compare(a, b)}.")
+    if "cnn-kd" in rows and "cnn-kd-original" in rows:
+        out.append(f"The CNN on the wild selection against the CNN on the original images: "
+                   f"{compare(rows['cnn-kd'], rows['cnn-kd-original'])}.")
+    ref = rows.get("vit-4x4-probe")
+    for r in results["rows"]:
+        if ref is not None and r["name"] != ref["name"] and r["name"] != "cnn-kd-original":
+            speed = r["cost"]["images_per_s"] / ref["cost"]["images_per_s"]
+            out.append(f"{r['name']} runs at {speed:.1f}x the images/s of the demo's ViT student "
+                       f"({r['vs_teacher']['images_per_s']:.1f}x the teacher's against "
+                       f"{ref['vs_teacher']['images_per_s']:.1f}x) with {r['cost']['params']:,} parameters against "
+                       f"{ref['cost']['params']:,}; {compare(r, ref)}.")
+    best = max(results["rows"], key=lambda r: r["top1"])
+    out.append(f"Best row: <b>{html.escape(best['name'])}</b>, {100 * best['top1']:.1f} ± {100 * best['top1_sd']:.1f}% "
+               f"test top-1 ({100 * best['relative_top1']:.0f}% of the teacher's {100 * t['top1']:.1f}%).")
+    return out
+
+
+def write_students_report(run: Path, results: dict) -> Path:
+    """RUN/report.html of `attnprobe demo --students`: the students against the teacher, cost and accuracy."""
+    figs_dir = run / "figures"
+    figs = [("Test top-1", png(fig_top1(results), figs_dir / "top1.png")),
+            ("Accuracy against speed", png(fig_cost_top1(results), figs_dir / "cost_top1.png"))]
+    path = run / "report.html"
+    write_text(path, _students_html(results, figs, student_findings(results)))
+    return path
+
+
+def _students_html(results: dict, figs, notes) -> str:
+    t, sel, how = results["teacher"], results["selection"], results["cost_measured"]
+    esc = html.escape
+    rows = [["<b>teacher</b>", f"{esc(t['cost']['arch'])}: {esc(t['structure']['text'])}",
+             "original training set, labels", "cross-entropy", f"{t['cost']['params']:,}", flops(t['cost']['flops']),
+             f"{t['cost']['images_per_s']:,.0f}", "1.0x", f"{100 * t['top1']:.2f}", "", "100%"]]
+    for r in results["rows"]:
+        c = r["cost"]
+        rows.append([esc(r["name"]), f"{esc(r['student'])}: {esc(r['structure']['text'])}", esc(r["data"]),
+                     esc(r["method"]) + (f" (weight {r['probe_weight'][0]:g})" if r["probe_weight"][0] else ""),
+                     f"{c['params']:,}", flops(c["flops"]), f"{c['images_per_s']:,.0f}",
+                     f"{r['vs_teacher']['images_per_s']:.1f}x",
+                     f"{100 * r['top1']:.2f} ± {100 * r['top1_sd']:.2f}",
+                     ", ".join(f"{100 * v:.1f}" for v in r["test_top1"]), f"{100 * r['relative_top1']:.0f}%"])
+    head = ["student", "architecture (grid or stages)", "learns from", "how", "parameters", "FLOPs / image",
+            "images/s", "images/s x teacher", "test top-1 % (mean ± sd)", "seeds", "of teacher"]
+    comp = ", ".join(f"{k} {v}" for k, v in sel["composition"].items())
+    images = "".join(f"<h3>{esc(title)}</h3><img src='data:image/png;base64,{b64}' alt='{esc(title)}'>"
+                     for title, b64 in figs)
+    steps = results["rows"][0]["steps"]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>attnprobe: other students on digits</title>
+<style>body{{font-family:sans-serif;max-width:1250px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
+th{{background:#f3f3f3}}img{{max-width:100%}}</style></head><body>
+<h1>Other students on digits in the wild</h1>
+<p>Teacher: {esc(t['cost']['arch'])} ({esc(t['structure']['text'])}, {t['params']:,} parameters) trained on MNIST
+digits: test top-1 {100 * t['test_top1']:.2f}%, its epoch chosen on a validation split at {100 * t['val_top1']:.2f}%.
+Each student learns from the default selection ({esc(results['default_selection'])}: {sel['size']} wild images,
+{100 * sel['precision']:.0f}% digits; {esc(comp)}) or, where it says so, from the original training images; each
+row trains with {len(results['seeds'])} seeds for {steps:,} optimizer steps at the same batch size and learning
+rate, and keeps the epoch chosen on fidelity to the teacher (never on the test set).
+Run: {'quick' if results['quick'] else 'full'}, {results['seconds']:.0f} s on the CPU.</p>
+<h2>Students against the teacher</h2>{table(head, rows)}
+<p>Parameters and FLOPs (2 x multiply-adds of one forward pass of one image) counted; images/s timed on forward
+passes of batches of {how['batch_size']} on {esc(str(how['device']))} with {how['threads']} thread, every model one
+after another in one process after the training ended ({how['rounds']} rounds, each model's fastest kept).</p>
+<h2>Findings</h2><ul>{''.join(f'<li>{n}</li>' for n in notes)}</ul>
+<p>A difference between two rows is claimed only when it is larger than the spread of their seeds (the larger
+sd).</p>
 <h2>Figures</h2>{images}
 </body></html>"""

@@ -138,8 +138,11 @@ def _check_model(name: str, model_kwargs: dict) -> None:
 @dataclass(kw_only=True)
 class DistillSettings(_TrainSettings):
     student: str = setting("ap_digits_student", "preset or timm model name: a ViT on the teacher's patch grid or "
-                                                "another, or any timm image classifier (tried: resnet18, "
-                                                "mobilenetv3_small_100, convnext_atto, efficientvit_b0; README)")
+                                                "another, or any timm image classifier (tried at 32 and 224 px: "
+                                                "resnet18, mobilenetv3_small_100/large_100, efficientnet_b0, "
+                                                "convnext_atto, efficientvit_b0, regnetx_002, ghostnet_100, "
+                                                "mobilevit_xxs, swin_tiny_patch4_window7_224, deit_tiny_patch16_224, "
+                                                "vit_small_patch32_224; README)")
     epochs: int | None = setting(None, "epochs to train (or --steps)", check=_AT_LEAST_1)
     lr: float = setting(7.5e-4, "peak learning rate (AdamW)", check=_POSITIVE)
     weight_decay: float = setting(0.025, "AdamW weight decay", check=_NOT_NEGATIVE)
@@ -148,11 +151,13 @@ class DistillSettings(_TrainSettings):
                                         "epoch (data that fits in RAM, --workers 0); the decoded selection does "
                                         "not need it", runtime=True)
     temperature: float = setting(4.0, "KD temperature", check=_POSITIVE)
-    probe_weight: float | None = setting(None, "weight of the probe-distillation loss (0: off; default: 0.8 for a "
-                                               "ViT student, and for other students the default README measured)",
+    probe_weight: float | None = setting(None, "weight of the probe-distillation loss (0: off). Unset: 0.8 for a ViT "
+                                               "student on the teacher's token grid, 0 for other students (a CNN, a "
+                                               "ViT on another grid), whom it did not help in the digits demo (README)",
                                          check=_NOT_NEGATIVE)
-    probe_blocks: list[int] | None = setting(None, "teacher blocks (0-based) whose outputs are matched; student "
-                                                   "blocks mapped proportionally", check=_BLOCK,
+    probe_blocks: list[int] | None = setting(None, "teacher blocks (0-based) whose outputs are matched; the "
+                                                   "student's blocks (a ViT) or feature stages (a CNN) mapped "
+                                                   "proportionally", check=_BLOCK,
                                             unique=True)
     probe_variant: str = setting("cosine", "CLS-to-patch similarity: cosine (channel axis) or reference (the "
                                            "reference code's token-axis normalisation)",
@@ -205,8 +210,11 @@ class DistillSettings(_TrainSettings):
 class DaflSettings(Settings):
     """DAFL (attnprobe dafl): DAFL's MNIST defaults but for the batch (halved) and lr_G (see datafree.py)."""
     student: str = setting("ap_digits_student", "preset or timm model name: a ViT on the teacher's patch grid or "
-                                                "another, or any timm image classifier (tried: resnet18, "
-                                                "mobilenetv3_small_100, convnext_atto, efficientvit_b0; README)")
+                                                "another, or any timm image classifier (tried at 32 and 224 px: "
+                                                "resnet18, mobilenetv3_small_100/large_100, efficientnet_b0, "
+                                                "convnext_atto, efficientvit_b0, regnetx_002, ghostnet_100, "
+                                                "mobilevit_xxs, swin_tiny_patch4_window7_224, deit_tiny_patch16_224, "
+                                                "vit_small_patch32_224; README)")
     model_kwargs: dict = setting({}, "student constructor overrides, values as Python literals, e.g. embed_dim=128",
                                  metavar="K=V")
     epochs: int = setting(MISSING, "epochs to train", check=_AT_LEAST_1)
@@ -306,7 +314,8 @@ class PrepareSettings(Settings):
 @dataclass(kw_only=True)
 class DemoSettings(Settings):
     quick: bool = setting(False, "a smaller run for the test suite (57 s measured on an idle 2-core machine with "
-                                 "the benchmark cached; the full run: 15.5 min, 13.5 min with its teacher cached)")
+                                 "the benchmark cached; the full run: 17 min on an empty cache, 3.8 of them the "
+                                 "teacher's)")
     cache: str | None = setting(None, "where the benchmark images are built and reused (default: "
                                       "$XDG_CACHE_HOME/attnprobe)", runtime=True)
     workers: int = setting(0, "DataLoader workers (0: the 28x28 images decode faster in the training process "
@@ -317,3 +326,9 @@ class DemoSettings(Settings):
                                f"the {DEMO_SEEDS - 1} seeds after it that the students use)"))
     jobs: int | None = setting(None, "student trainings at once (default: one per CPU core, at most 8), each "
                                      "with its share of the cores", check=_AT_LEAST_1, runtime=True)
+    students: bool = setting(False, "instead of the table's rows, other students on the default selection: a small "
+                                    "CNN for 28-px digits (ap_digits_resnet) by KD on the original images and with "
+                                    "and without the probe loss, a ViT on half the teacher's grid side (2x2 tokens) "
+                                    "with and without it, and the demo's ViT student with the full method; with "
+                                    "their parameters, FLOPs and images/s against the teacher's (6.5 min measured "
+                                    "on an idle 2-core machine with the teacher cached)")
