@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from attnprobe.method.losses import kd_loss, probe_distill_loss
-from attnprobe.method.probe import BlockTaps, default_distill_blocks
+from attnprobe.method.probe import default_distill_blocks
+from attnprobe.method.probe_maps import ProbeTaps
 from attnprobe.models import build_model, default_norm, resolve_model
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -68,10 +69,11 @@ def measure(seed: int, images: str, batch_size: int) -> dict:
     else:
         x = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
     blocks = default_distill_blocks(12)  # 3, 7, 11 for both (same depth)
-    with BlockTaps(teacher, output_blocks=blocks) as t_taps, BlockTaps(student, output_blocks=blocks) as s_taps:
-        t_logits, s_logits = teacher(x), student(x)
-        probe = {v: probe_distill_loss(t_taps.similarities(v), s_taps.similarities(v)).item()
-                 for v in ("cosine", "reference")}
+    probe = {}
+    for v in ("cosine", "reference"):
+        with ProbeTaps(teacher, blocks, v) as t_taps, ProbeTaps(student, blocks, v) as s_taps:
+            t_logits, s_logits = teacher(x), student(x)
+            probe[v] = probe_distill_loss(t_taps.maps(), s_taps.maps()).item()
     kd = kd_loss(s_logits, t_logits, TEMPERATURE).item()
     return {"probe_cosine": probe["cosine"], "probe_reference": probe["reference"], "kd_T4": kd,
             "weighted_probe_cosine": PROBE_WEIGHT * probe["cosine"],

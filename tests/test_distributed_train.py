@@ -116,7 +116,7 @@ REPLICAS = textwrap.dedent("""
     batches = [(torch.randn(4, 3, 16, 16, generator=g),) for _ in range(3)]
     opts = [torch.optim.AdamW(student.parameters(), lr=1e-2),
             torch.optim.Adam(model.module.noise.parameters(), lr=1e-1)]
-    stats = distill_one_epoch(model, teacher, batches, opts, device, teacher_blocks=[0, 1], student_blocks=[0, 1],
+    stats = distill_one_epoch(model, teacher, batches, opts, device, teacher_blocks=[0, 1], student_layers=[0, 1],
                               progress=False)
     flat = torch.cat([p.detach().flatten() for p in model.module.parameters()])
     everyone = d.all_gather_object((flat, stats))

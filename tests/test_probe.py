@@ -6,8 +6,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from attnprobe.method.probe_maps import ProbeTaps
 from attnprobe.method.probe import (
-    BlockTaps,
     cls_attention,
     cls_patch_similarity,
     default_distill_blocks,
@@ -91,12 +91,15 @@ def test_cls_patch_similarity_cosine_and_reference():
     torch.testing.assert_close(ref, torch.tensor([[1 / 2 + 0.0, 0.0 + 0.0]]))
 
 
-def test_block_taps_similarities_match_manual_block_outputs():
+def test_probe_taps_maps_match_manual_block_outputs():
     model = tiny_vit()
     x = torch.randn(2, 3, 16, 16)
-    with BlockTaps(model, output_blocks=[0, 2]) as taps:
+    with ProbeTaps(model, [0, 2]) as taps:
         model(x)
-        sims = taps.similarities()
+        maps = taps.maps()
+    grid = tuple(model.patch_embed.grid_size)
+    assert all(m.shape == (2, *grid) for m in maps)
+    sims = [m.flatten(1) for m in maps]  # row-major over the grid: token order
     t = model.patch_drop(model.norm_pre(model._pos_embed(model.patch_embed(x))))
     outs = []
     for blk in model.blocks:

@@ -73,21 +73,14 @@ def test_student_stages_mapped_to_teacher_blocks_skip_1x1_maps():
     assert net.training  # the grids' forward pass left the student in training mode
 
 
-def _distill(teacher_ckpt, image_root, pipeline_sel, out, student, **kw):
+def _distill(teacher_ckpt, image_root, selection, out, student, **kw):
     from attnprobe import api
     arch, kwargs = student
-    return api.distill(teacher_ckpt, image_root / "wild", pipeline_sel, out=out, test=image_root / "data/val",
+    return api.distill(teacher_ckpt, image_root / "wild", selection, out=out, test=image_root / "data/val",
                        student=arch, model_kwargs=kwargs, epochs=1, batch_size=8, lr=1e-3, workers=0,
                        progress=False, device="cpu", **kw)
 
 
-@pytest.fixture(scope="module")
-def selection(teacher_ckpt, image_root, tmp_path_factory):
-    from attnprobe import api
-    d = tmp_path_factory.mktemp("sel")
-    api.score(teacher_ckpt, image_root / "wild", d / "scores.parquet", workers=0, progress=False, device="cpu")
-    api.select(d / "scores.parquet", out=d / "sel.parquet", num_select=20)
-    return d / "sel.parquet"
 
 
 @pytest.mark.parametrize("student,kind,layers,grids", [
@@ -95,9 +88,9 @@ def selection(teacher_ckpt, image_root, tmp_path_factory):
     (COARSE_VIT, "vit-other-grid", [0, 0, 1], [[2, 2]] * 3),  # blocks 0, 1, 2 of 3 -> 0, 0, 1 of 2
 ])
 def test_a_cnn_and_a_coarse_vit_student_distil_with_the_probe_term(student, kind, layers, grids, teacher_ckpt,
-                                                                    image_root, selection, tmp_path):
+                                                                    image_root, wild_selection, tmp_path):
     from attnprobe.io.checkpoints import load_checkpoint
-    info = _distill(teacher_ckpt, image_root, selection, tmp_path / "run", student, probe_weight=0.8)
+    info = _distill(teacher_ckpt, image_root, wild_selection, tmp_path / "run", student, probe_weight=0.8)
     model, saved = load_checkpoint(tmp_path / "run" / "best.pt")
     assert saved["arch"] == student[0] and saved["img_size"] == 16 and saved["in_chans"] == 3
     probe = saved["probe"]
@@ -113,16 +106,68 @@ def test_a_cnn_and_a_coarse_vit_student_distil_with_the_probe_term(student, kind
     assert 0 <= info["accuracy"] <= 1
 
 
-def test_a_teacher_must_be_a_vit_and_a_student_must_fit_the_input(teacher_ckpt, image_root, selection, tmp_path):
-    _distill(teacher_ckpt, image_root, selection, tmp_path / "cnn", CNN, probe_weight=0.0)
+def test_a_teacher_must_be_a_vit_and_a_student_must_fit_the_input(teacher_ckpt, image_root, wild_selection,
+                                                                   tmp_path):
+    _distill(teacher_ckpt, image_root, wild_selection, tmp_path / "cnn", CNN, probe_weight=0.0)
     from attnprobe import api
     with pytest.raises(AttnprobeError, match="not a ViT with a CLS token; a teacher must be one"):
         api.score(tmp_path / "cnn" / "best.pt", image_root / "wild", tmp_path / "s.parquet", workers=0,
                   progress=False)
     # ConvNeXt's stem and three stride-2 stages leave nothing of a 16-px input to its last downsampling conv
     with pytest.raises(AttnprobeError, match="cannot take the teacher's 16x16 x3 input"):
-        _distill(teacher_ckpt, image_root, selection, tmp_path / "convnext", ("convnext_atto", {}))
+        _distill(teacher_ckpt, image_root, wild_selection, tmp_path / "convnext", ("convnext_atto", {}))
     with pytest.raises(AttnprobeError, match="--probe-variant reference normalises along a ViT's tokens"):
-        _distill(teacher_ckpt, image_root, selection, tmp_path / "ref", CNN, probe_variant="reference")
+        _distill(teacher_ckpt, image_root, wild_selection, tmp_path / "ref", CNN, probe_variant="reference",
+                 probe_weight=0.8)
     assert not (tmp_path / "convnext").exists() and not (tmp_path / "ref").exists()
     assert TINY_TEACHER[1]["patch_size"] == 4  # the teacher's 4x4 grid the plans above are compared with
+
+
+def test_run_takes_a_cnn_student_and_the_report_shows_its_cost(image_root, teacher_ckpt, tmp_path):
+    import json
+
+    from attnprobe.app.cli import main
+    arch, kw = CNN
+    out = tmp_path / "run"
+    assert main(["run", "--teacher", str(teacher_ckpt), "--wild", str(image_root / "wild"), "--out", str(out),
+                 "--num-select", "20", "--student", arch, "--model-kwargs", *[f"{k}={v}" for k, v in kw.items()],
+                 "--epochs", "1", "--batch-size", "8", "--workers", "0", "--no-progress",
+                 "--test", str(image_root / "data/val")]) == 0
+    evaluation = json.loads((out / "attnprobe-rank" / "evaluation.json").read_text())
+    student, teacher = evaluation["student"], evaluation["teacher"]
+    assert student["params"] == sum(p.numel() for p in _built(CNN).parameters())
+    assert 0 < student["flops"] < teacher["flops"] and student["images_per_s"] > 0
+    from attnprobe.io.checkpoints import read_checkpoint
+    probe = read_checkpoint(out / "attnprobe-rank" / "student" / "best.pt")["info"]["probe"]
+    assert (probe["kind"], probe["weight"]) == ("no-cls", 0.0)  # unset: off for a CNN (it did not help, README)
+    html = (out / "report.html").read_text()
+    assert "student against teacher" in html.lower() and ">resnet18<" in html
+    assert f"{student['params']:,}" in html
+
+
+def _built(student):
+    import timm
+    arch, kwargs = student
+    return timm.create_model(arch, num_classes=3, in_chans=3, **kwargs)
+
+
+def test_unset_probe_weight_is_the_papers_for_a_vit_on_the_teachers_grid(teacher_ckpt, image_root, wild_selection,
+                                                                           tmp_path):
+    from attnprobe.io.checkpoints import load_checkpoint
+    same_grid = ("vit_tiny_patch16_224", {"patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2})
+    _distill(teacher_ckpt, image_root, wild_selection, tmp_path / "vit", same_grid)
+    probe = load_checkpoint(tmp_path / "vit" / "best.pt")[1]["probe"]
+    assert (probe["kind"], probe["weight"], probe["student_grids"]) == ("vit", 0.8, [[4, 4]] * 3)
+    _distill(teacher_ckpt, image_root, wild_selection, tmp_path / "coarse", COARSE_VIT)
+    assert load_checkpoint(tmp_path / "coarse" / "best.pt")[1]["probe"]["weight"] == 0.0
+
+
+def test_dafl_takes_a_cnn_student(teacher_ckpt, image_root, tmp_path):
+    from attnprobe import api
+    from attnprobe.io.checkpoints import load_checkpoint
+    arch, kwargs = CNN
+    api.dafl(teacher_ckpt, out=tmp_path / "dafl", student=arch, model_kwargs=kwargs, epochs=1, iters_per_epoch=2,
+             batch_size=8, fidelity_images=12, workers=0, progress=False, device="cpu")
+    model, info = load_checkpoint(tmp_path / "dafl" / "best.pt")
+    assert (info["arch"], info["img_size"], info["in_chans"], info["method"]) == ("resnet18", 16, 3, "dafl")
+    assert model(torch.zeros(2, 3, 16, 16)).shape == (2, 3)

@@ -90,22 +90,19 @@ def cls_patch_similarity(tokens: torch.Tensor, num_prefix_tokens: int = 1,
 
 
 class BlockTaps:
-    """Forward hooks that keep, for one forward pass, the qkv projection of chosen blocks (for the probe)
-    and the outputs of chosen blocks (for probe distillation). Use as a context manager."""
+    """Forward hooks that keep, for one forward pass, the qkv projection of chosen blocks (for the probe; the
+    block outputs probe distillation compares are kept by probe_maps.ProbeTaps). Use as a context manager."""
 
-    def __init__(self, model: nn.Module, qkv_blocks=(), output_blocks=()):
+    def __init__(self, model: nn.Module, qkv_blocks=()):
         self.model = getattr(model, "module", model)
-        self.qkv_blocks, self.output_blocks = list(qkv_blocks), list(output_blocks)
+        self.qkv_blocks = list(qkv_blocks)
         self.qkv: dict[int, torch.Tensor] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
         self._handles = []
 
     def __enter__(self):
         blocks = self.model.blocks
         for b in self.qkv_blocks:
             self._handles.append(blocks[b].attn.qkv.register_forward_hook(self._keep(self.qkv, b)))
-        for b in self.output_blocks:
-            self._handles.append(blocks[b].register_forward_hook(self._keep(self.outputs, b)))
         return self
 
     def __exit__(self, *exc):
@@ -131,11 +128,6 @@ class BlockTaps:
     def probes(self, heads: str = "first") -> torch.Tensor:
         """(B, len(qkv_blocks)) probe term of each tapped block, heads reduced."""
         return torch.stack([reduce_heads(self.probe_cosines(b), heads) for b in self.qkv_blocks], dim=1)
-
-    def similarities(self, variant: str = "cosine") -> list[torch.Tensor]:
-        """CLS-to-patch similarity of each kept block output, in `output_blocks` order."""
-        prefix = getattr(self.model, "num_prefix_tokens", 1)
-        return [cls_patch_similarity(self.outputs[b], prefix, variant) for b in self.output_blocks]
 
 
 @torch.no_grad()
