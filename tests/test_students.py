@@ -142,6 +142,7 @@ def test_run_takes_a_cnn_student_and_the_report_shows_its_cost(image_root, teach
     assert (probe["kind"], probe["weight"]) == ("no-cls", 0.0)  # unset: off for a CNN (it did not help, README)
     html = (out / "report.html").read_text()
     assert "student against teacher" in html.lower() and ">resnet18<" in html
+    assert "<td>off (no CLS token)</td>" in html  # the distillation table's probe term
     assert f"{student['params']:,}" in html
 
 

@@ -176,6 +176,22 @@ def selection_sections(c: dict, scores, meta: dict) -> list:
     return out
 
 
+_STUDENT_KINDS = {"vit": "ViT on the teacher's grid", "vit-other-grid": "ViT on another grid",
+                  "no-cls": "no CLS token"}
+
+
+def probe_term(probe: dict | None) -> str:
+    """The probe term a student was distilled with: its weight and the student's maps, or off (and why not)."""
+    if not probe:
+        return "—"
+    kind = _STUDENT_KINDS.get(probe.get("kind"), probe.get("kind"))
+    if not probe.get("weight"):
+        return f"off ({esc(str(kind))})"
+    grids = ", ".join(f"{h}x{w}" for h, w in probe.get("student_grids") or [])
+    teacher = "x".join(map(str, probe["teacher_grid"]))
+    return f"weight {probe['weight']:g}: {esc(str(kind))}, maps {grids} against the teacher's {teacher}"
+
+
 def distillation_sections(c: dict) -> list:
     trained, rows = [s for s in c["strats"] if s["metrics"]], []
     for s in trained:
@@ -186,9 +202,10 @@ def distillation_sections(c: dict) -> list:
         rows.append([esc(s["name"]), len(s["metrics"]), f"{last['loss']:.4f}" if "loss" in last else "—",
                      pct(last.get("fidelity")) + held, pct(last.get("test_top1")),
                      "—" if chosen is None else f"epoch {chosen + 1}, chosen on {esc(str(on or 'test top-1'))}",
-                     seconds(sum(m.get("seconds") or 0 for m in s["metrics"]))])
+                     probe_term(info.get("probe")), seconds(sum(m.get("seconds") or 0 for m in s["metrics"]))])
     f = fig_curves(trained) if trained else None
-    head = ["strategy", "epochs", "last loss", "last fidelity", "last test top-1", "best.pt", "training time"]
+    head = ["strategy", "epochs", "last loss", "last fidelity", "last test top-1", "best.pt", "probe term",
+            "training time"]
     return [("Distillation", table(head, rows) + f"<p class=note>{FIDELITY}.</p>"
              + (c["fig"](f, "learning_curves") if f else ""))] if trained else []
 

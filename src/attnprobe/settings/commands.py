@@ -135,14 +135,15 @@ def _check_model(name: str, model_kwargs: dict) -> None:
     check_model_kwargs(resolve_model(name, model_kwargs)[1])
 
 
+_STUDENT_HELP = ("preset or timm model name: a ViT on the teacher's patch grid or another, or any timm image "
+                 "classifier (tried at 32 and 224 px: resnet18, mobilenetv3_small_100/large_100, efficientnet_b0, "
+                 "convnext_atto, efficientvit_b0, regnetx_002, ghostnet_100, mobilevit_xxs, "
+                 "swin_tiny_patch4_window7_224, deit_tiny_patch16_224, vit_small_patch32_224; README)")
+
+
 @dataclass(kw_only=True)
 class DistillSettings(_TrainSettings):
-    student: str = setting("ap_digits_student", "preset or timm model name: a ViT on the teacher's patch grid or "
-                                                "another, or any timm image classifier (tried at 32 and 224 px: "
-                                                "resnet18, mobilenetv3_small_100/large_100, efficientnet_b0, "
-                                                "convnext_atto, efficientvit_b0, regnetx_002, ghostnet_100, "
-                                                "mobilevit_xxs, swin_tiny_patch4_window7_224, deit_tiny_patch16_224, "
-                                                "vit_small_patch32_224; README)")
+    student: str = setting("ap_digits_student", _STUDENT_HELP)
     epochs: int | None = setting(None, "epochs to train (or --steps)", check=_AT_LEAST_1)
     lr: float = setting(7.5e-4, "peak learning rate (AdamW)", check=_POSITIVE)
     weight_decay: float = setting(0.025, "AdamW weight decay", check=_NOT_NEGATIVE)
@@ -209,12 +210,7 @@ class DistillSettings(_TrainSettings):
 @dataclass(kw_only=True)
 class DaflSettings(Settings):
     """DAFL (attnprobe dafl): DAFL's MNIST defaults but for the batch (halved) and lr_G (see datafree.py)."""
-    student: str = setting("ap_digits_student", "preset or timm model name: a ViT on the teacher's patch grid or "
-                                                "another, or any timm image classifier (tried at 32 and 224 px: "
-                                                "resnet18, mobilenetv3_small_100/large_100, efficientnet_b0, "
-                                                "convnext_atto, efficientvit_b0, regnetx_002, ghostnet_100, "
-                                                "mobilevit_xxs, swin_tiny_patch4_window7_224, deit_tiny_patch16_224, "
-                                                "vit_small_patch32_224; README)")
+    student: str = setting("ap_digits_student", _STUDENT_HELP)
     model_kwargs: dict = setting({}, "student constructor overrides, values as Python literals, e.g. embed_dim=128",
                                  metavar="K=V")
     epochs: int = setting(MISSING, "epochs to train", check=_AT_LEAST_1)
