@@ -155,3 +155,28 @@ def test_run_two_processes_matches_one_process_and_finishes(image_root, teacher_
     one = json.loads((tmp_path / "one/attnprobe-rank/evaluation.json").read_text())
     assert two["teacher"]["test_top1"] == one["teacher"]["test_top1"]  # the 25 images counted once each
     assert (tmp_path / "two/report.html").is_file()
+
+
+def test_distill_a_cnn_student_with_the_probe_term_on_two_processes(image_root, teacher_ckpt, odd_test_set,
+                                                                     tmp_path):
+    """A student with BatchNorm and no CLS token under DistributedDataParallel: stage hooks on the wrapped
+    student, buffers broadcast from rank 0, the sharded evaluation of a model in eval mode."""
+    from .test_students import CNN
+    wild = image_root / "wild"
+    paths = sorted(p.relative_to(wild).as_posix() for p in wild.rglob("*")
+                   if p.suffix.lower() in (".png", ".jpg", ".bmp"))
+    write_table(pd.DataFrame({"path": paths}), tmp_path / "sel.parquet", {})
+    out = tmp_path / "run"
+    arch, kw = CNN
+    torchrun("-m", "attnprobe.cli", "distill", "--teacher", str(teacher_ckpt), "--wild", str(wild), "--selection",
+             str(tmp_path / "sel.parquet"), "--test", str(odd_test_set), "--student", arch, *kwargs_args(kw),
+             "--epochs", "1", "--out", str(out), "--batch-size", "4", "--workers", "0", "--device", "cpu",
+             "--probe-weight", "0.8", "--no-progress")
+    (row,) = read_jsonl(out / "metrics.jsonl")
+    assert row["test_n"] == 25 and row["fidelity_n"] == 3 and row["probe"] > 0
+    model, info = load_checkpoint(out / "best.pt")
+    assert info["probe"]["student_layers"] == ["act1", "layer1", "layer2"] and info["arch"] == "resnet18"
+    assert model.bn1.running_mean.abs().sum() > 0  # BatchNorm statistics were trained and saved
+    from attnprobe import api
+    alone = api.evaluate(out / "best.pt", odd_test_set, workers=0, progress=False, device="cpu")
+    assert row["test_top1"] == info["accuracy"] == alone["top1"]  # the sharded count equals one process's
