@@ -111,7 +111,8 @@ class _TrainSettings(Settings):
 
 @dataclass(kw_only=True)
 class TeacherSettings(_TrainSettings):
-    model: str = setting("ap_digits_teacher", "preset or timm ViT name")
+    model: str = setting("ap_digits_teacher", "preset or timm ViT name (a ViT with a CLS token: the probe reads its "
+                                              "attention)")
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy",
                                      check=(lambda v: 0 <= v < 1, "in [0, 1)"))
     mean: list[float] | None = setting(None, "normalisation mean (default: timm's for the architecture)")
