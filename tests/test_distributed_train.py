@@ -48,11 +48,17 @@ def odd_test_set(image_root, tmp_path_factory):
     return root
 
 
-def test_distill_two_processes_and_resume(image_root, teacher_ckpt, odd_test_set, tmp_path):
-    wild = image_root / "wild"
+def select_whole_pool(wild, selection) -> list[str]:
+    """A selection of every image in the pool, written to `selection`; its paths."""
     paths = sorted(p.relative_to(wild).as_posix() for p in wild.rglob("*")
                    if p.suffix.lower() in (".png", ".jpg", ".bmp"))
-    write_table(pd.DataFrame({"path": paths}), tmp_path / "sel.parquet", {})
+    write_table(pd.DataFrame({"path": paths}), selection, {})
+    return paths
+
+
+def test_distill_two_processes_and_resume(image_root, teacher_ckpt, odd_test_set, tmp_path):
+    wild = image_root / "wild"
+    paths = select_whole_pool(wild, tmp_path / "sel.parquet")
     out = tmp_path / "run"
     s_arch, s_kw = TINY_STUDENT
     argv = lambda epochs, *x: ["-m", "attnprobe.cli", "distill", "--teacher", str(teacher_ckpt),  # noqa: E731
@@ -163,9 +169,7 @@ def test_distill_a_cnn_student_with_the_probe_term_on_two_processes(image_root, 
     student, buffers broadcast from rank 0, the sharded evaluation of a model in eval mode."""
     from .test_students import CNN
     wild = image_root / "wild"
-    paths = sorted(p.relative_to(wild).as_posix() for p in wild.rglob("*")
-                   if p.suffix.lower() in (".png", ".jpg", ".bmp"))
-    write_table(pd.DataFrame({"path": paths}), tmp_path / "sel.parquet", {})
+    select_whole_pool(wild, tmp_path / "sel.parquet")
     out = tmp_path / "run"
     arch, kw = CNN
     torchrun("-m", "attnprobe.cli", "distill", "--teacher", str(teacher_ckpt), "--wild", str(wild), "--selection",

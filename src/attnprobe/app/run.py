@@ -203,8 +203,8 @@ def _preflight(teacher: Path, wild: Path, out: Path, test: Path | None, num_sele
                distill: DistillSettings) -> None:
     """What can fail before the first stage fails before it, and writes nothing: the paths, `--out` (not inside
     the pool, a run's folder or a new one), a student that cannot be distilled from this teacher (its input,
-    --probe-blocks, probe maps that cannot be compared), --select-on test without --test, a --num-select above the images listed, and shards
-    that distill cannot read by offset (compressed)."""
+    --probe-blocks, probe maps that cannot be compared), --select-on test without --test, a --num-select above
+    the images listed, and shards that distill cannot read by offset (compressed)."""
     from ..io.folders import PathList
     from ..io.inputs import check_inputs
     from ..io.shards import is_compressed, is_shard_pool, list_shards

@@ -21,7 +21,7 @@ from ..errors import AttnprobeError
 from ..io.atomic import remove_stale, replacing, replacing_dir
 from ..io.checkpoints import load_checkpoint
 from ..io.lock import hold
-from ..models import fixed_input_size, geometry, is_cls_vit
+from ..models import fixed_input_size, geometry, input_shape, is_cls_vit
 from ..settings import ExportSettings
 
 # Beyond attnprobe's own dependencies (timm brings huggingface_hub and safetensors). The TorchScript ONNX
@@ -90,14 +90,9 @@ def _has_timm_wrapper() -> bool:
     return importlib.util.find_spec("transformers.models.timm_wrapper") is not None
 
 
-def _input_size(info) -> tuple[int, int, int]:
-    size = info["img_size"]
-    return (info["in_chans"], *((size, size) if isinstance(size, int) else size))
-
-
 def _data_config(info) -> dict:
     # attnprobe evaluates with Resize(shorter side, bilinear) + CenterCrop: timm's eval transform at crop_pct 1
-    return {"input_size": _input_size(info), "mean": tuple(info["mean"]), "std": tuple(info["std"]),
+    return {"input_size": input_shape(info), "mean": tuple(info["mean"]), "std": tuple(info["std"]),
             "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
 
 
@@ -126,7 +121,7 @@ def _write_transformers(model, info, path: Path) -> None:
     config, state = timm_to_transformers(model, info)
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in state.items()}, path / "model.safetensors", metadata={"format": "pt"})
-    _, h, w = _input_size(info)
+    _, h, w = input_shape(info)
     # Resize straight to the input size: transformers 4 and 5 ViT processors both read this; for square
     # images it equals attnprobe's shorter-side resize + centre crop.
     processor = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": h, "width": w},
@@ -141,7 +136,7 @@ def _write_onnx(model, info, path: Path) -> None:
     # fused attention as is; its deprecation and tracer warnings (timm's constant shape asserts) are noise here.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, *_input_size(info)),), str(path), input_names=["pixel_values"],
+        torch.onnx.export(model, (torch.zeros(1, *input_shape(info)),), str(path), input_names=["pixel_values"],
                           output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
                           opset_version=17, dynamo=False)
     # An .onnx file travels alone: let it carry what a user needs to feed it and read its output.
@@ -164,7 +159,7 @@ _WRAPPED = ("\n# a timm model, which transformers wraps as TimmWrapperForImageCl
 
 
 def _model_card(model, info, format: str, name: str) -> str:
-    c, h, w = _input_size(info)
+    c, h, w = input_shape(info)
     acc = lambda a: "not measured" if a is None else f"{100 * a:.2f}%"  # noqa: E731
     wrapped = format == "transformers" and _timm_folder(format, model)
     lines = ["---", f"library_name: {format}", "pipeline_tag: image-classification", "tags:",
@@ -218,7 +213,7 @@ def _logits_diff(model, info, run, batch_sizes=(2,)) -> float:
     diff = 0.0
     with torch.no_grad():
         for b in batch_sizes:
-            x = torch.randn(b, *_input_size(info), generator=gen)
+            x = torch.randn(b, *input_shape(info), generator=gen)
             diff = max(diff, (torch.as_tensor(run(x)) - model(x)).abs().max().item())
     return diff
 

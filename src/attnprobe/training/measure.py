@@ -7,11 +7,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..models import input_shape
+
 
 def _input(info: dict, batch: int, device) -> torch.Tensor:
-    size = info["img_size"]
-    h, w = (size, size) if isinstance(size, int) else size
-    return torch.randn(batch, info["in_chans"], h, w, device=device)
+    return torch.randn(batch, *input_shape(info), device=device)
 
 
 def _sync(device) -> None:
